@@ -46,8 +46,9 @@ def sigmoid_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02, steepness=6
     _check_timesteps(timesteps)
     _check_beta("beta_start", beta_start)
     _check_beta("beta_end", beta_end)
-    x = torch.linspace(-steepness, steepness, timesteps, dtype=torch.float64)
-    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+    x = torch.sigmoid(torch.linspace(-steepness, steepness, timesteps, dtype=torch.float64))
+    x = (x - x[0]) / (x[-1] - x[0]) if timesteps > 1 else torch.ones_like(x)  # exactly 0 .. 1
+    return beta_start + x * (beta_end - beta_start)
 
 
 def cosine_beta_schedule(timesteps, s=0.008):

@@ -535,8 +535,10 @@ class Experiment:
         sampler = DistributedSampler(TensorDataset(images), num_replicas=self.world, rank=self.rank,
                                      shuffle=True, seed=self.cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
+        # its own generator: creating an iterator must not consume the global RNG, or a run
+        # resumed mid-epoch would draw different noise than one that never stopped
         return DataLoader(TensorDataset(images), batch_size=self.cfg.batch_size // self.world,
-                          sampler=sampler, drop_last=True)
+                          sampler=sampler, drop_last=True, generator=torch.Generator())
 
     def _global_mean(self, value):
         if self.world > 1:

@@ -1,0 +1,762 @@
+"""Speed benchmark: our DDPM.Unet against diffusers' UNet2DModel at a matched parameter count.
+
+One run on one machine measures, for both networks at 28x28x1 and batch 64:
+
+  * training throughput (images/s, median over repeated steps after warm-up) per precision
+    setting (float32, bfloat16 autocast where supported, optionally channels_last and torch.compile);
+  * peak memory of the training steps (CUDA: max_memory_allocated; CPU: peak RSS of a fresh
+    subprocess above its RSS once the model and optimizer exist);
+  * training FLOPs per image (torch.utils.flop_counter, forward + backward), the FLOP/s this
+    achieves, and its fraction of the machine's matrix-multiply ceiling measured in the same run;
+  * sampling: one denoising forward pass on 64 images, and a 50-step DDIM run of 64 images.
+
+Ours is timed through the real training path, `experiment.Experiment.train_step` (fused AdamW,
+gradient clipping, LR schedule and EMA update, exactly as `experiment.py train` runs it).
+Diffusers is timed twice: as its documentation shows it (default AdamW, `unet(x, t).sample`, MSE),
+and "matched": with the same fused AdamW, clipping, LR schedule and EMA update as ours.
+
+    python benchmark.py                  # the full benchmark (a few minutes on 2 CPU cores)
+    python benchmark.py --quick          # smoke test: very few steps
+    python benchmark.py --compile        # also torch.compile our U-Net (slow to compile on a CPU)
+    python benchmark.py --channels-last  # also the channels_last variants
+
+Results are printed as tables and written as JSON (--out, default benchmark_results.json).
+Each training measurement runs in its own subprocess (`benchmark.py --worker SPEC`), so that the
+memory numbers of one model cannot leak into another's.
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO_DIR = Path(__file__).resolve().parent
+RESULT_TAG = "@@BENCHMARK_RESULT "
+IMAGE_SHAPE = (1, 28, 28)
+
+# Targets the project aims for (reported as measured against them, never adjusted).
+TARGETS = {
+    "train_speedup_vs_diffusers": 2.0,       # our best img/s / diffusers' best img/s
+    "train_fraction_of_matmul_ceiling": 0.55,  # our best training step, at its precision
+    "ddim_64x50_seconds": 10.0,              # 64 images, 50 DDIM steps
+}
+
+
+# ================================================================================================
+# Small helpers
+# ================================================================================================
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark.py: error: --device cuda, but no CUDA device is available")
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device, precision):
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def repeat_timed(fn, device, warmup, reps):
+    warm = [timed(fn, device) for _ in range(warmup)]
+    times = [timed(fn, device) for _ in range(reps)]
+    return warm, times
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _proc_status_kib(field):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a code region above the memory held when it starts.
+
+    CUDA: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's slack).
+    CPU: the process's peak resident set (VmHWM), reset at the start by writing 5 to
+    /proc/self/clear_refs, minus the resident set at the start (includes everything the process
+    touches: tensors, allocator slack, oneDNN scratch and kernel caches).
+    """
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated - memory_allocated at start"
+            return
+        self.base = _proc_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.method = "peak RSS (VmHWM, reset at start) - RSS at start, in a fresh subprocess"
+        except OSError:
+            self.method = "peak RSS since process start (VmHWM, could not reset) - RSS at start"
+        if self.base is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+            scale = 1 if sys.platform.startswith("linux") else 1 / 1024
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            self.method = "ru_maxrss after - ru_maxrss before (process-wide peak)"
+
+    def peak_mib(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        peak = _proc_status_kib("VmHWM")
+        if peak is None:
+            scale = 1 if sys.platform.startswith("linux") else 1 / 1024
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return (peak - self.base) / 1024
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    except OSError:
+        pass
+    return []
+
+
+def diffusers_version():
+    try:
+        import diffusers
+        return diffusers.__version__
+    except ImportError:
+        return None
+
+
+def import_diffusers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise SystemExit("benchmark.py: error: diffusers is not installed: "
+                             "pip install -r requirements-benchmark.txt") from None
+        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    return UNet2DModel, DDPMScheduler, DDIMScheduler
+
+
+# ================================================================================================
+# The two models
+# ================================================================================================
+
+def our_config():
+    import experiment
+    return experiment.Config()
+
+
+def diffusers_config(width, layers_per_block):
+    """A small UNet2DModel for 28x28x1 in the spirit of our U-Net: three levels (28, 14, 7),
+    channels (w, 2w, 2w), self-attention at 14x14 and in the middle block (at 7x7)."""
+    return dict(
+        sample_size=28, in_channels=1, out_channels=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def match_diffusers_config(our_params, widths=(32, 64, 96), layers=(1, 2, 3)):
+    """The (width, layers_per_block) whose parameter count is nearest ours (in log ratio).
+
+    Widths are multiples of 32, diffusers' default GroupNorm group count. Models are built on the
+    meta device, so the search allocates nothing.
+    """
+    UNet2DModel, _, _ = import_diffusers()
+    candidates = []
+    for w in widths:
+        for lpb in layers:
+            cfg = diffusers_config(w, lpb)
+            with torch.device("meta"):
+                n = count_params(UNet2DModel(**cfg))
+            candidates.append(dict(width=w, layers_per_block=lpb, params=n, ours_over_theirs=our_params / n))
+    best = min(candidates, key=lambda c: abs(math.log(c["ours_over_theirs"])))
+    if not 0.85 <= best["ours_over_theirs"] <= 1.15:
+        raise SystemExit(f"benchmark.py: error: no diffusers config within 15% of our {our_params} "
+                         f"parameters: {candidates}")
+    return diffusers_config(best["width"], best["layers_per_block"]), candidates
+
+
+# ================================================================================================
+# Worker: one measurement in a fresh process
+# ================================================================================================
+
+def _random_batch(batch):
+    """A uint8 batch as the data loader yields it (on the CPU; the step moves it to the device)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (batch, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
+
+
+def build_our_experiment(spec, device):
+    """experiment.Experiment at the default config, built exactly as `experiment.py train` builds it."""
+    import experiment
+    cfg = experiment.Config().replace(
+        device=device.type, batch_size=spec["batch"], precision=spec["precision"],
+        channels_last=spec.get("channels_last", False), compile=spec.get("compile", False),
+        out_dir=str(Path(tempfile.gettempdir()) / "ddpm-benchmark-unused"))
+    exp = experiment.Experiment(cfg)
+    exp._build(n_images=60000)
+    return exp
+
+
+def build_diffusers_training(spec, device):
+    """diffusers' UNet2DModel and a training step.
+
+    matched=False: the documented usage (add_noise, unet(noisy, t).sample, MSE, default AdamW).
+    matched=True: the same step with our training loop's extras: fused AdamW with our betas,
+    gradient clipping, LambdaLR schedule and the EMA update, from experiment.py.
+    """
+    import experiment
+    UNet2DModel, DDPMScheduler, _ = import_diffusers()
+    cfg = experiment.Config()
+    torch.manual_seed(cfg.seed)
+    unet = UNet2DModel(**spec["diffusers_config"]).to(device)
+    channels_last = spec.get("channels_last", False)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps)
+    matched = spec["matched"]
+    if matched:
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=(0.9, 0.99), fused=device.type in ("cuda", "cpu"))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, experiment.lr_lambda(cfg, cfg.steps))
+        ema = torch.optim.swa_utils.AveragedModel(unet, avg_fn=experiment.ema_avg_fn(cfg.ema_decay),
+                                                  use_buffers=True)
+    else:
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
+    precision, B = spec["precision"], spec["batch"]
+
+    def step(batch_u8):
+        clean = batch_u8.to(device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
+        if channels_last:
+            clean = clean.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, cfg.timesteps, (B,), device=device)
+        noisy = noise_scheduler.add_noise(clean, noise, t)
+        with autocast(device, precision):
+            pred = unet(noisy, t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        if matched and cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if matched:
+            sched.step()
+            ema.update_parameters(unet)
+        return loss.detach()
+
+    return unet, step
+
+
+def worker_train(spec, device):
+    batch_u8 = _random_batch(spec["batch"])
+    if spec["model"] == "ours":
+        exp = build_our_experiment(spec, device)
+        params = count_params(exp.diffusion.model)
+        step = exp.train_step
+    else:
+        unet, step = build_diffusers_training(spec, device)
+        params = count_params(unet)
+    mem = PeakMemory(device)
+    mem.start()
+    losses = []
+    warm, times = repeat_timed(lambda: losses.append(step(batch_u8)), device, spec["warmup"], spec["steps"])
+    peak = mem.peak_mib()
+    median = statistics.median(times)
+    out = dict(params=params, warmup_step_s=warm, step_s=times, median_step_s=median,
+               img_per_s=spec["batch"] / median, peak_mem_mib=peak, mem_method=mem.method,
+               final_loss=float(losses[-1]), threads=torch.get_num_threads())
+    if spec.get("compile") and warm:
+        out["first_step_s"] = warm[0]
+        out["compile_time_s_est"] = warm[0] - median  # first step minus a steady-state step
+    return out
+
+
+def worker_sample(spec, device):
+    """Per precision: one denoising forward pass on a batch, and a full DDIM run."""
+    import experiment
+    B, reps, ddim_steps = spec["batch"], spec["reps"], spec["ddim_steps"]
+    if spec["model"] == "ours":
+        diffusion = experiment.build_diffusion(experiment.Config()).to(device).eval()
+        net = diffusion.model
+
+        def forward(x, t):
+            return net(x, t)
+
+        def ddim(steps):
+            return diffusion.sample(B, sampling_steps=steps, progress=False)
+    else:
+        UNet2DModel, _, DDIMScheduler = import_diffusers()
+        net = UNet2DModel(**spec["diffusers_config"]).to(device).eval()
+        scheduler = DDIMScheduler(num_train_timesteps=1000)  # linear betas 1e-4..0.02, as ours
+
+        def forward(x, t):
+            return net(x, t).sample
+
+        def ddim(steps):
+            scheduler.set_timesteps(steps)
+            x = torch.randn(B, *IMAGE_SHAPE, device=device)
+            for t in scheduler.timesteps:
+                eps = net(x, t).sample
+                x = scheduler.step(eps, t, x).prev_sample
+            return (x + 1) / 2
+
+    results = {}
+    for precision in spec["precisions"]:
+        torch.manual_seed(0)
+        x = torch.randn(B, *IMAGE_SHAPE, device=device)
+        t = torch.randint(0, 1000, (B,), device=device)
+        with torch.inference_mode(), autocast(device, precision):
+            _, fwd = repeat_timed(lambda: forward(x, t), device, 2, reps)
+            ddim(2)  # warm-up: oneDNN / cuDNN kernel selection
+            ddim_s = timed(lambda: ddim(ddim_steps), device)
+        med = statistics.median(fwd)
+        results[precision] = dict(forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
+                                  ddim_steps=ddim_steps, ddim_s=ddim_s)
+    return dict(params=count_params(net), precisions=results)
+
+
+def worker_profile(spec, device):
+    """torch.profiler over a few of our training steps: the ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    exp = build_our_experiment(spec, device)
+    batch_u8 = _random_batch(spec["batch"])
+    for _ in range(spec["warmup"]):
+        exp.train_step(batch_u8)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    n = spec["steps"]
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            exp.train_step(batch_u8)
+        sync(device)
+    wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events)
+    rows = []
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:spec.get("top", 15)]:
+        row = dict(op=e.key, calls_per_step=e.count / n, self_cpu_ms_per_step=e.self_cpu_time_total / n / 1e3,
+                   self_cpu_share=e.self_cpu_time_total / total_self if total_self else None,
+                   cpu_total_ms_per_step=e.cpu_time_total / n / 1e3)
+        if device.type == "cuda":
+            dev_us = getattr(e, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(e, "self_cuda_time_total", 0)
+            row["self_cuda_ms_per_step"] = dev_us / n / 1e3
+        rows.append(row)
+    return dict(precision=spec["precision"], batch=spec["batch"], profiled_steps=n,
+                step_s_under_profiler=wall, total_self_cpu_ms_per_step=total_self / n / 1e3, top_ops=rows)
+
+
+WORKERS = {"train": worker_train, "sample": worker_sample, "profile": worker_profile}
+
+
+def worker_main(spec_json):
+    spec = json.loads(spec_json)
+    warnings.filterwarnings("ignore")
+    device = torch.device(spec["device"])
+    result = WORKERS[spec["kind"]](spec, device)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_worker(spec, timeout=900):
+    """Run one measurement in a fresh Python process; returns its result dict or {'error': ...}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=str(REPO_DIR), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout} s")
+    wall = time.perf_counter() - t0
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            result["worker_wall_s"] = wall
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return dict(error=f"worker exited with status {proc.returncode}", stderr_tail=tail)
+
+
+# ================================================================================================
+# Measurements in the main process
+# ================================================================================================
+
+def matmul_ceiling(device, dtypes, n=2048, reps=10, warmup=3):
+    """Achieved FLOP/s of torch.mm on n x n matrices: the practical matrix-multiply ceiling."""
+    out = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, generator=g).to(dtype)
+        b = torch.randn(n, n, device=device, generator=g).to(dtype)
+        _, times = repeat_timed(lambda: torch.mm(a, b), device, warmup, reps)
+        med = statistics.median(times)
+        out[name] = dict(n=n, reps=reps, median_s=med, flop=2 * n**3, tflop_per_s=2 * n**3 / med / 1e12,
+                         best_tflop_per_s=2 * n**3 / min(times) / 1e12)
+    return out
+
+
+def training_flops(model_name, diffusers_cfg, device, batch):
+    """FLOPs per image of one training step (forward + backward), counted by FlopCounterMode.
+
+    FlopCounterMode counts matrix multiplications, convolutions and attention only; GroupNorm,
+    activations, softmax and the optimizer are not included. The count does not depend on the
+    precision. Returns (forward, backward) per image.
+    """
+    import experiment
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    x = torch.rand(batch, *IMAGE_SHAPE, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    noise = torch.randn_like(x)
+    if model_name == "ours":
+        diffusion = experiment.build_diffusion(experiment.Config()).to(device)
+        with FlopCounterMode(display=False) as fwd:
+            loss = diffusion(x, t=t, noise=noise)
+    else:
+        UNet2DModel, DDPMScheduler, _ = import_diffusers()
+        unet = UNet2DModel(**diffusers_cfg).to(device)
+        noisy = DDPMScheduler(num_train_timesteps=1000).add_noise(x * 2 - 1, noise, t)
+        with FlopCounterMode(display=False) as fwd:
+            loss = F.mse_loss(unet(noisy, t).sample, noise)
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    return fwd.get_total_flops() / batch, bwd.get_total_flops() / batch
+
+
+# ================================================================================================
+# Report
+# ================================================================================================
+
+def fmt(v, spec=".1f", missing="-"):
+    return missing if v is None else format(v, spec)
+
+
+def print_table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def setting_name(precision, channels_last=False, compile=False):
+    name = {"float32": "fp32", "bfloat16": "bf16"}[precision]
+    return name + ("+CL" if channels_last else "") + ("+compile" if compile else "")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda if available, else cpu")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps before timing (default 3)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM sampling steps (default 50)")
+    p.add_argument("--forward-reps", type=int, default=10, help="timed single forward passes (default 10)")
+    p.add_argument("--channels-last", action="store_true", help="also measure the channels_last variants")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure our U-Net under torch.compile (compile time + steady state)")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
+    p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
+    p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    for name in ("steps", "batch", "ddim_steps", "forward_reps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.quick:
+        args.steps, args.warmup, args.ddim_steps, args.forward_reps = 2, 1, 3, 2
+
+    import experiment
+    warnings.filterwarnings("ignore")
+    t_start = time.perf_counter()
+    device = pick_device(args.device)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    bf16 = experiment.bf16_supported(device)
+    precisions = ["float32"] + (["bfloat16"] if bf16 else [])
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        cpu_model=cpu_model(), cpu_flags=cpu_flags(), logical_cpus=os.cpu_count(),
+        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        torch_threads=torch.get_num_threads(), platform=platform.platform(),
+        python=platform.python_version(), torch=torch.__version__, diffusers=diffusers_version(),
+        bf16_supported=bf16, loadavg_1_5_15_at_start=load_start,
+        note=("The 1-minute load average at the start tells how busy the machine was: on a machine "
+              "with N cores, a load well above 0 means other processes competed for the CPU and every "
+              "throughput here is lower than on a quiet machine."),
+        settings=dict(batch=args.batch, steps=args.steps, warmup=args.warmup, ddim_steps=args.ddim_steps,
+                      forward_reps=args.forward_reps, quick=args.quick),
+    )
+    print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
+          f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, diffusers {meta['diffusers']}")
+    if load_start:
+        print(f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
+              f"{load_start[2]:.2f}" + ("  <- the machine is busy: numbers are contended"
+                                        if load_start[0] > 0.5 else ""))
+
+    # ---- models and parameter matching ----
+    cfg = experiment.Config()
+    our_params = count_params(experiment.build_diffusion(cfg).model)
+    dcfg, candidates = match_diffusers_config(our_params)
+    with torch.device("meta"):
+        their_params = count_params(import_diffusers()[0](**dcfg))
+    models = dict(
+        ours=dict(params=our_params, config={k: cfg.to_dict()[k] for k in
+                                              ("dim", "dim_mults", "resnet_blocks", "attn_dim_head", "timesteps")}),
+        diffusers=dict(params=their_params, config=dict(dcfg, block_out_channels=list(dcfg["block_out_channels"])),
+                       candidates=candidates),
+        params_ours_over_diffusers=our_params / their_params,
+    )
+    print(f"\nparameters: ours {our_params:,}  diffusers UNet2DModel {their_params:,} "
+          f"(block_out_channels={dcfg['block_out_channels']}, layers_per_block={dcfg['layers_per_block']}, "
+          f"attention at 14x14 and in the 7x7 middle block)  ratio ours/theirs {our_params / their_params:.3f}")
+
+    # ---- the matrix-multiply ceiling and FLOP counts ----
+    mm_n = 512 if args.quick else 2048
+    ceiling = matmul_ceiling(device, precisions, n=mm_n, reps=3 if args.quick else 10)
+    print("\nmatmul ceiling (torch.mm %dx%d, median): %s" % (mm_n, mm_n, ", ".join(
+        f"{k} {v['tflop_per_s'] * 1e3:.0f} GFLOP/s" for k, v in ceiling.items())))
+    flops = {}
+    for name in ("ours", "diffusers"):
+        fwd, bwd = training_flops(name, dcfg, device, batch=min(args.batch, 8))
+        flops[name] = dict(forward_per_image=fwd, backward_per_image=bwd, train_per_image=fwd + bwd)
+    print("training FLOPs per image (fwd+bwd, matmul/conv/attention only): " + ", ".join(
+        f"{k} {v['train_per_image'] / 1e9:.3f} GFLOP" for k, v in flops.items()))
+
+    # ---- training ----
+    base = dict(kind="train", device=str(device), batch=args.batch, steps=args.steps, warmup=args.warmup,
+                diffusers_config=dcfg)
+    layouts = [False, True] if args.channels_last else [False]
+    plan = []
+    for precision in precisions:
+        for cl in layouts:
+            plan.append(dict(base, model="ours", precision=precision, channels_last=cl,
+                             label="ours", optimizer="AdamW fused", extras="clip+sched+EMA (train_step)"))
+            plan.append(dict(base, model="diffusers", precision=precision, channels_last=cl, matched=False,
+                             label="diffusers", optimizer="AdamW default", extras="none"))
+            plan.append(dict(base, model="diffusers", precision=precision, channels_last=cl, matched=True,
+                             label="diffusers-matched", optimizer="AdamW fused", extras="clip+sched+EMA"))
+    if args.compile:
+        best_precision = precisions[-1]
+        plan.append(dict(base, model="ours", precision=best_precision, channels_last=False, compile=True,
+                         warmup=max(args.warmup, 2), label="ours", optimizer="AdamW fused",
+                         extras="clip+sched+EMA (train_step)"))
+    training = []
+    print(f"\ntraining: batch {args.batch}, median of {args.steps} steps after {args.warmup} warm-up steps, "
+          f"each setting in a fresh subprocess")
+    for spec in plan:
+        setting = setting_name(spec["precision"], spec["channels_last"], spec.get("compile", False))
+        print(f"  {spec['label']:<18} {setting:<14} ...", end="", flush=True)
+        res = run_worker(spec)
+        row = dict(model=spec["label"], setting=setting, precision=spec["precision"],
+                   channels_last=spec["channels_last"], compile=spec.get("compile", False),
+                   optimizer=spec["optimizer"], extras=spec["extras"], **res)
+        if "error" not in res:
+            fl = flops["ours" if spec["model"] == "ours" else "diffusers"]["train_per_image"]
+            row["achieved_gflop_per_s"] = fl * res["img_per_s"] / 1e9
+            ceil = ceiling[spec["precision"]]["tflop_per_s"] * 1e12
+            row["fraction_of_matmul_ceiling"] = fl * res["img_per_s"] / ceil
+            print(f" {res['img_per_s']:7.1f} img/s  ({res['worker_wall_s']:.0f} s)")
+        else:
+            print(f" FAILED: {res['error']}")
+            for line in res.get("stderr_tail", []):
+                print("      " + line)
+        training.append(row)
+
+    # ---- sampling ----
+    sampling = {}
+    print(f"\nsampling: batch {args.batch}; forward = median of {args.forward_reps} passes, "
+          f"DDIM = one run of {args.ddim_steps} steps")
+    for name in ("ours", "diffusers"):
+        print(f"  {name:<18} ...", end="", flush=True)
+        res = run_worker(dict(kind="sample", device=str(device), model=name, batch=args.batch,
+                              reps=args.forward_reps, ddim_steps=args.ddim_steps, precisions=precisions,
+                              diffusers_config=dcfg))
+        sampling[name] = res
+        print(f" done ({res['worker_wall_s']:.0f} s)" if "error" not in res else f" FAILED: {res['error']}")
+
+    # ---- profile ----
+    profile = None
+    if not args.no_profile:
+        print("  profiling our training step ...", end="", flush=True)
+        profile = run_worker(dict(kind="profile", device=str(device), model="ours", precision=precisions[-1],
+                                  batch=args.batch, warmup=1 if args.quick else 2,
+                                  steps=1 if args.quick else 3, top=15))
+        print(" done" if "error" not in profile else f" FAILED: {profile['error']}")
+
+    # ---- summary ----
+    ok = [r for r in training if "error" not in r]
+    ratios = {}
+    for r in ok:
+        if r["model"] != "ours" or r["compile"]:
+            continue
+        for other in ("diffusers", "diffusers-matched"):
+            theirs = [o for o in ok if o["model"] == other and o["setting"] == r["setting"]]
+            if theirs:
+                ratios[f"{r['setting']} ours/{other}"] = r["img_per_s"] / theirs[0]["img_per_s"]
+    best_ours = max((r for r in ok if r["model"] == "ours"), key=lambda r: r["img_per_s"], default=None)
+    best_theirs = max((r for r in ok if r["model"] != "ours"), key=lambda r: r["img_per_s"], default=None)
+    best_idiomatic = max((r for r in ok if r["model"] == "diffusers"), key=lambda r: r["img_per_s"], default=None)
+    if best_ours and best_theirs:
+        ratios["best ours / best diffusers (any setting)"] = best_ours["img_per_s"] / best_theirs["img_per_s"]
+    if best_ours and best_idiomatic:
+        ratios["best ours / best idiomatic diffusers"] = best_ours["img_per_s"] / best_idiomatic["img_per_s"]
+
+    ddim_ours = {}
+    if "error" not in sampling.get("ours", {"error": 1}):
+        ddim_ours = {k: v["ddim_s"] for k, v in sampling["ours"]["precisions"].items()}
+    targets = {}
+    if best_ours and best_theirs:
+        v = best_ours["img_per_s"] / best_theirs["img_per_s"]
+        targets["train_speedup_vs_diffusers"] = dict(
+            target=f">= {TARGETS['train_speedup_vs_diffusers']}", measured=v,
+            met=v >= TARGETS["train_speedup_vs_diffusers"],
+            detail=f"ours {best_ours['setting']} vs {best_theirs['model']} {best_theirs['setting']}")
+    if best_ours:
+        v = best_ours["fraction_of_matmul_ceiling"]
+        targets["train_fraction_of_matmul_ceiling"] = dict(
+            target=f">= {TARGETS['train_fraction_of_matmul_ceiling']}", measured=v,
+            met=v >= TARGETS["train_fraction_of_matmul_ceiling"],
+            detail=f"ours {best_ours['setting']} against the {best_ours['precision']} torch.mm ceiling")
+    if ddim_ours:
+        prec, v = min(ddim_ours.items(), key=lambda kv: kv[1])
+        targets["ddim_64x50_seconds"] = dict(
+            target=f"< {TARGETS['ddim_64x50_seconds']}", measured=v,
+            met=(v < TARGETS["ddim_64x50_seconds"]) if (args.ddim_steps == 50 and args.batch == 64) else None,
+            detail=f"ours {prec}, {args.batch} images x {args.ddim_steps} steps")
+
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["loadavg_1_5_15_at_end"] = load_end
+    meta["wall_s"] = time.perf_counter() - t_start
+    results = dict(meta=meta, models=models, matmul_ceiling=ceiling, flops=flops, training=training,
+                   training_ratios=ratios, sampling=sampling, profile=profile, targets=targets)
+
+    # ---- print ----
+    print("\n=== training (batch %d) ===" % args.batch)
+    rows = []
+    for r in training:
+        if "error" in r:
+            rows.append([r["model"], r["setting"], r["optimizer"], r["extras"], "FAILED", "", "", "", ""])
+            continue
+        rows.append([r["model"], r["setting"], r["optimizer"], r["extras"], fmt(r["img_per_s"]),
+                     fmt(r["median_step_s"] * 1e3), fmt(r["peak_mem_mib"], ".0f"),
+                     fmt(r["achieved_gflop_per_s"]), fmt(100 * r["fraction_of_matmul_ceiling"])])
+    print_table(["model", "setting", "optimizer", "extras", "img/s", "step ms", "peak MiB", "GFLOP/s",
+                 "% mm ceil"], rows)
+    mem_methods = {r["mem_method"] for r in ok}
+    print("peak MiB: " + "; ".join(sorted(mem_methods)) if mem_methods else "")
+    for r in ok:
+        if r.get("compile"):
+            print(f"torch.compile: first step {r['first_step_s']:.1f} s (compile time ~{r['compile_time_s_est']:.1f} s)")
+    print("\nthroughput ratios (ours / theirs, img/s):")
+    for k, v in ratios.items():
+        print(f"  {k:<48} {v:.2f}x")
+
+    print("\n=== sampling (batch %d) ===" % args.batch)
+    rows = []
+    for name, res in sampling.items():
+        if "error" in res:
+            rows.append([name, "", "FAILED", "", ""])
+            continue
+        for prec, v in res["precisions"].items():
+            rows.append([name, setting_name(prec), fmt(v["forward_img_per_s"]), fmt(v["forward_median_s"] * 1e3),
+                         fmt(v["ddim_s"], ".2f")])
+    print_table(["model", "setting", "fwd img/s", "fwd ms", f"DDIM {args.ddim_steps} steps s"], rows)
+
+    if profile and "error" not in profile:
+        print(f"\n=== profile: our training step, {setting_name(profile['precision'])}, batch {profile['batch']} "
+              f"({profile['step_s_under_profiler'] * 1e3:.0f} ms/step under the profiler) ===")
+        rows = [[r["op"][:40], "", fmt(r["self_cpu_ms_per_step"]), fmt(100 * r["self_cpu_share"]),
+                 fmt(r["calls_per_step"], ".0f")] for r in profile["top_ops"][:10]]
+        print_table(["op", "", "self CPU ms/step", "% self CPU", "calls/step"], rows)
+
+    print("\n=== targets ===")
+    for k, v in targets.items():
+        met = {True: "MET", False: "not met", None: "n/a (not the target's settings)"}[v["met"]]
+        print(f"  {k:<36} target {v['target']:<7} measured {v['measured']:.3g}  {met}  ({v['detail']})")
+    if load_start:
+        print(f"\nload average 1 min: {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
+              f"({meta['logical_cpus']} logical CPUs); wall time {meta['wall_s']:.0f} s")
+
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -397,6 +397,10 @@ def worker_profile(spec, device):
     wall = (time.perf_counter() - t0) / n
     events = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in events)
+    categories = {}
+    for e in events:
+        cat = op_category(e.key)
+        categories[cat] = categories.get(cat, 0.0) + e.self_cpu_time_total / n / 1e3
     rows = []
     for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:spec.get("top", 15)]:
         row = dict(op=e.key, calls_per_step=e.count / n, self_cpu_ms_per_step=e.self_cpu_time_total / n / 1e3,
@@ -408,8 +412,31 @@ def worker_profile(spec, device):
                 dev_us = getattr(e, "self_cuda_time_total", 0)
             row["self_cuda_ms_per_step"] = dev_us / n / 1e3
         rows.append(row)
+    categories = dict(sorted(categories.items(), key=lambda kv: -kv[1]))
     return dict(precision=spec["precision"], batch=spec["batch"], profiled_steps=n,
-                step_s_under_profiler=wall, total_self_cpu_ms_per_step=total_self / n / 1e3, top_ops=rows)
+                step_s_under_profiler=wall, total_self_cpu_ms_per_step=total_self / n / 1e3, top_ops=rows,
+                self_cpu_ms_per_step_by_category=categories, threads=torch.get_num_threads())
+
+
+def op_category(name):
+    """A coarse class of a profiler op name, to see where a training step's time goes."""
+    n = name.lower()
+    if any(k in n for k in ("adam", "_foreach", "clip_grad", "lerp")):
+        return "optimizer, clipping, EMA"
+    if "conv" in n:
+        return "convolution (fwd + bwd)"
+    if any(k in n for k in ("mm", "matmul", "linear", "scaled_dot_product", "attention")):
+        return "matmul, linear, attention"
+    if "norm" in n:
+        return "normalization"
+    if any(k in n for k in ("copy", "_to_", "aten::to", "clone", "contiguous", "cat", "stack",
+                            "pixel", "upsample", "interpolate")):
+        return "copies, casts, cat, resampling"
+    if any(k in n for k in ("mul", "add", "sub", "div", "silu", "gelu", "sigmoid", "softmax", "exp",
+                            "pow", "sqrt", "sin", "cos", "neg", "where", "fill", "zero", "sum", "mean",
+                            "mse", "addcmul", "threshold")):
+        return "elementwise, reductions"
+    return "other (views, autograd bookkeeping, ...)"
 
 
 WORKERS = {"train": worker_train, "sample": worker_sample, "profile": worker_profile}
@@ -418,8 +445,12 @@ WORKERS = {"train": worker_train, "sample": worker_sample, "profile": worker_pro
 def worker_main(spec_json):
     spec = json.loads(spec_json)
     warnings.filterwarnings("ignore")
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = WORKERS[spec["kind"]](spec, device)
+    result["loadavg_1min_at_worker_start"] = load
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -525,12 +556,19 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="also measure our U-Net under torch.compile (compile time + steady state)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in every measurement (default 0: torch's own default)")
     p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
     p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    sys.stdout.reconfigure(line_buffering=True)
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in ("steps", "batch", "ddim_steps", "forward_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -556,10 +594,12 @@ def main(argv=None):
         torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__, diffusers=diffusers_version(),
         bf16_supported=bf16, loadavg_1_5_15_at_start=load_start,
-        note=("The 1-minute load average at the start tells how busy the machine was: on a machine "
-              "with N cores, a load well above 0 means other processes competed for the CPU and every "
-              "throughput here is lower than on a quiet machine."),
-        settings=dict(batch=args.batch, steps=args.steps, warmup=args.warmup, ddim_steps=args.ddim_steps,
+        note=("loadavg_1_5_15_at_start tells how busy the machine was. A 1-minute load near or above the "
+              "number of CPUs means other processes competed for them: every throughput here is then "
+              "lower than on a quiet machine, and on a CPU much lower, because OpenMP threads that "
+              "spin-wait at barriers lose their time slices. Compare only runs made on a quiet machine."),
+        settings=dict(threads=args.threads or "torch default", batch=args.batch, steps=args.steps,
+                      warmup=args.warmup, ddim_steps=args.ddim_steps,
                       forward_reps=args.forward_reps, quick=args.quick),
     )
     print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
@@ -567,7 +607,7 @@ def main(argv=None):
     if load_start:
         print(f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
               f"{load_start[2]:.2f}" + ("  <- the machine is busy: numbers are contended"
-                                        if load_start[0] > 0.5 else ""))
+                                        if load_start[0] > 0.5 * (os.cpu_count() or 1) else ""))
 
     # ---- models and parameter matching ----
     cfg = experiment.Config()
@@ -599,8 +639,8 @@ def main(argv=None):
         f"{k} {v['train_per_image'] / 1e9:.3f} GFLOP" for k, v in flops.items()))
 
     # ---- training ----
-    base = dict(kind="train", device=str(device), batch=args.batch, steps=args.steps, warmup=args.warmup,
-                diffusers_config=dcfg)
+    base = dict(kind="train", device=str(device), threads=args.threads, batch=args.batch, steps=args.steps,
+                warmup=args.warmup, diffusers_config=dcfg)
     layouts = [False, True] if args.channels_last else [False]
     plan = []
     for precision in precisions:
@@ -644,8 +684,9 @@ def main(argv=None):
           f"DDIM = one run of {args.ddim_steps} steps")
     for name in ("ours", "diffusers"):
         print(f"  {name:<18} ...", end="", flush=True)
-        res = run_worker(dict(kind="sample", device=str(device), model=name, batch=args.batch,
-                              reps=args.forward_reps, ddim_steps=args.ddim_steps, precisions=precisions,
+        res = run_worker(dict(kind="sample", device=str(device), threads=args.threads, model=name,
+                              batch=args.batch, reps=args.forward_reps, ddim_steps=args.ddim_steps,
+                              precisions=precisions,
                               diffusers_config=dcfg))
         sampling[name] = res
         print(f" done ({res['worker_wall_s']:.0f} s)" if "error" not in res else f" FAILED: {res['error']}")
@@ -654,8 +695,8 @@ def main(argv=None):
     profile = None
     if not args.no_profile:
         print("  profiling our training step ...", end="", flush=True)
-        profile = run_worker(dict(kind="profile", device=str(device), model="ours", precision=precisions[-1],
-                                  batch=args.batch, warmup=1 if args.quick else 2,
+        profile = run_worker(dict(kind="profile", device=str(device), threads=args.threads, model="ours",
+                                  precision=precisions[-1], batch=args.batch, warmup=1 if args.quick else 2,
                                   steps=1 if args.quick else 3, top=15))
         print(" done" if "error" not in profile else f" FAILED: {profile['error']}")
 
@@ -722,7 +763,8 @@ def main(argv=None):
     print("peak MiB: " + "; ".join(sorted(mem_methods)) if mem_methods else "")
     for r in ok:
         if r.get("compile"):
-            print(f"torch.compile: first step {r['first_step_s']:.1f} s (compile time ~{r['compile_time_s_est']:.1f} s)")
+            print(f"torch.compile: first step {r['first_step_s']:.1f} s "
+                  f"(compile time ~{r['compile_time_s_est']:.1f} s)")
     print("\nthroughput ratios (ours / theirs, img/s):")
     for k, v in ratios.items():
         print(f"  {k:<48} {v:.2f}x")
@@ -744,6 +786,9 @@ def main(argv=None):
         rows = [[r["op"][:40], "", fmt(r["self_cpu_ms_per_step"]), fmt(100 * r["self_cpu_share"]),
                  fmt(r["calls_per_step"], ".0f")] for r in profile["top_ops"][:10]]
         print_table(["op", "", "self CPU ms/step", "% self CPU", "calls/step"], rows)
+        total = profile["total_self_cpu_ms_per_step"]
+        print("by category: " + ", ".join(f"{k} {100 * v / total:.0f}%"
+                                           for k, v in profile["self_cpu_ms_per_step_by_category"].items()))
 
     print("\n=== targets ===")
     for k, v in targets.items():

@@ -627,7 +627,7 @@ def main(argv=None):
           f"attention at 14x14 and in the 7x7 middle block)  ratio ours/theirs {our_params / their_params:.3f}")
 
     # ---- the matrix-multiply ceiling and FLOP counts ----
-    mm_n = 512 if args.quick else 2048
+    mm_n = 2048
     ceiling = matmul_ceiling(device, precisions, n=mm_n, reps=3 if args.quick else 10)
     print("\nmatmul ceiling (torch.mm %dx%d, median): %s" % (mm_n, mm_n, ", ".join(
         f"{k} {v['tflop_per_s'] * 1e3:.0f} GFLOP/s" for k, v in ceiling.items())))

@@ -971,6 +971,29 @@ def side_by_side(images, path):
 
 
 # ================================================================================================
+# DDPM.ipynb -> DDPM.py
+# ================================================================================================
+# The notebook is the one source of the library: its cells that start with `#| export` are,
+# joined in order, the whole of DDPM.py (nbdev-style). tests/test_notebook_sync.py fails when
+# the two drift apart.
+
+EXPORT_MARK = "#| export"
+
+
+def export_module(notebook=REPO_DIR / "DDPM.ipynb", module=REPO_DIR / "DDPM.py", write=True):
+    """The text of DDPM.py generated from the notebook's exported cells; written unless write=False."""
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    exported = [src.split("\n", 1)[1].strip("\n") for src in sources if src.startswith(EXPORT_MARK + "\n")]
+    if not exported:
+        raise ValueError(f"{notebook} has no cells starting with {EXPORT_MARK!r}")
+    text = "\n\n\n".join(exported) + "\n"
+    if write:
+        _atomic_write_text(module, text)
+    return text
+
+
+# ================================================================================================
 # Command line
 # ================================================================================================
 
@@ -1039,6 +1062,7 @@ def build_parser():
     tc = sub.add_parser("train-classifier", help="train the evaluation classifier, saved to data/")
     tc.add_argument("--dataset", choices=tuple(DATASETS), required=True)
     tc.add_argument("--epochs", type=int, default=3)
+    sub.add_parser("export", help="regenerate DDPM.py from the cells of DDPM.ipynb marked '#| export'")
     return p
 
 
@@ -1080,6 +1104,9 @@ def main(argv=None):
                     print(f"{name} {'train' if train else 'test'}: {len(ds)} images in {default_data_root()}")
         elif command == "train-classifier":
             train_classifier(args.dataset, epochs=args.epochs)
+        elif command == "export":
+            export_module()
+            print("wrote DDPM.py from the exported cells of DDPM.ipynb")
     except ConfigError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2

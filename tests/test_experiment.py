@@ -296,7 +296,7 @@ def test_cli_bad_usage_exits_2_with_one_line(args, message):
 def test_cli_help_documents_the_commands():
     result = run_python(["experiment.py", "--help"], timeout=120)
     assert result.returncode == 0
-    for command in ("train", "resume", "sample", "evaluate", "prepare-data", "train-classifier"):
+    for command in ("train", "resume", "sample", "evaluate", "prepare-data", "train-classifier", "export"):
         assert command in result.stdout
 
 

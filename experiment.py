@@ -446,20 +446,31 @@ class Experiment:
         if cfg.channels_last:
             self.diffusion = self.diffusion.to(memory_format=torch.channels_last)
         self.ema = torch.optim.swa_utils.AveragedModel(self.diffusion, avg_fn=ema_avg_fn(cfg.ema_decay),
-                                                       use_buffers=True)
+                                                       use_buffers=False)
         self.total_steps = (math.ceil(cfg.epochs * self._steps_per_epoch(n_images)) if cfg.epochs > 0
                             else cfg.steps)
         fused = self.device.type in ("cuda", "cpu")
         self.opt = torch.optim.AdamW(self.diffusion.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99), fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
-        self.train_module = self.diffusion
-        if cfg.compile:
-            self.train_module = torch.compile(self.diffusion)
+        self.train_module = self._compiled() if cfg.compile else self.diffusion
         if self.world > 1:
             self.train_module = nn.parallel.DistributedDataParallel(
                 self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
+
+    def _compiled(self):
+        """torch.compile'd diffusion, or the eager one where compiling fails (no C++ compiler, say)."""
+        compiled = torch.compile(self.diffusion)
+        try:  # compilation is lazy: try it on a tiny batch, without touching the run's RNG
+            with torch.random.fork_rng(devices=[]), autocast(self.device, self.precision):
+                compiled(torch.rand(2, 1, 28, 28, device=self.device)).backward()
+            self.diffusion.zero_grad(set_to_none=True)
+            return compiled
+        except Exception as e:
+            self._print(f"torch.compile is not available here ({type(e).__name__}: {str(e)[:100]}): running eagerly")
+            self.diffusion.zero_grad(set_to_none=True)
+            return self.diffusion
 
     # ---- checkpoints ----
     def state_dict(self):

@@ -19,6 +19,11 @@ and "matched": with the same fused AdamW, clipping, LR schedule and EMA update a
     python benchmark.py --quick          # smoke test: very few steps
     python benchmark.py --compile        # also torch.compile our U-Net (slow to compile on a CPU)
     python benchmark.py --channels-last  # also the channels_last variants
+    python benchmark.py --threads 1      # steadier numbers when other processes share the CPUs
+
+On a CPU, every worker also records the CPU seconds it consumed, so that a run on a busy machine
+still gives a rough comparison (img/CPU-s); the wall-clock numbers of a quiet machine are the real
+result. The JSON records the load average at the start and end of the run.
 
 Results are printed as tables and written as JSON (--out, default benchmark_results.json).
 Each training measurement runs in its own subprocess (`benchmark.py --worker SPEC`), so that the
@@ -82,17 +87,19 @@ def autocast(device, precision):
 
 
 def timed(fn, device):
+    """(wall seconds, CPU seconds of this process, all threads) of one call of fn."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def repeat_timed(fn, device, warmup, reps):
-    warm = [timed(fn, device) for _ in range(warmup)]
-    times = [timed(fn, device) for _ in range(reps)]
-    return warm, times
+    """Wall times of the warm-up calls, then wall and CPU times of the timed calls."""
+    warm = [timed(fn, device)[0] for _ in range(warmup)]
+    walls, cpus = zip(*(timed(fn, device) for _ in range(reps)))
+    return warm, list(walls), list(cpus)
 
 
 def count_params(module):
@@ -323,15 +330,47 @@ def worker_train(spec, device):
     mem = PeakMemory(device)
     mem.start()
     losses = []
-    warm, times = repeat_timed(lambda: losses.append(step(batch_u8)), device, spec["warmup"], spec["steps"])
+    warm, times, cpus = repeat_timed(lambda: losses.append(step(batch_u8)), device, spec["warmup"],
+                                     spec["steps"])
     peak = mem.peak_mib()
-    median = statistics.median(times)
+    median, median_cpu = statistics.median(times), statistics.median(cpus)
     out = dict(params=params, warmup_step_s=warm, step_s=times, median_step_s=median,
-               img_per_s=spec["batch"] / median, peak_mem_mib=peak, mem_method=mem.method,
+               img_per_s=spec["batch"] / median, img_per_s_fastest_step=spec["batch"] / min(times),
+               step_cpu_s=cpus, median_step_cpu_s=median_cpu,
+               img_per_cpu_s=spec["batch"] / median_cpu if median_cpu > 0 else None,
+               peak_mem_mib=peak, mem_method=mem.method,
                final_loss=float(losses[-1]), threads=torch.get_num_threads())
     if spec.get("compile") and warm:
         out["first_step_s"] = warm[0]
         out["compile_time_s_est"] = warm[0] - median  # first step minus a steady-state step
+    return out
+
+
+def worker_paired(spec, device):
+    """Ours and diffusers (idiomatic and matched) in one process, their steps interleaved.
+
+    Each round times one step of every model, in an order that rotates from round to round, so
+    that other processes on the machine slow all of them alike: the per-round ratios stay
+    meaningful on a busy machine where separate runs are not comparable. No memory numbers here.
+    """
+    batch_u8 = _random_batch(spec["batch"])
+    steps = {"ours": build_our_experiment(spec, device).train_step}
+    for label, matched in (("diffusers", False), ("diffusers-matched", True)):
+        steps[label] = build_diffusers_training(dict(spec, matched=matched), device)[1]
+    names = list(steps)
+    for name in names:
+        for _ in range(spec["warmup"]):
+            steps[name](batch_u8)
+    times = {name: [] for name in names}
+    for i in range(spec["steps"]):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timed(lambda: steps[name](batch_u8), device)[0])
+    out = dict(step_s=times, img_per_s={n: spec["batch"] / statistics.median(t) for n, t in times.items()},
+               ours_over={})
+    for other in names[1:]:
+        per_round = [t_other / t_ours for t_ours, t_other in zip(times["ours"], times[other])]
+        out["ours_over"][other] = dict(median_of_round_ratios=statistics.median(per_round),
+                                       ratio_of_medians=out["img_per_s"]["ours"] / out["img_per_s"][other])
     return out
 
 
@@ -370,12 +409,13 @@ def worker_sample(spec, device):
         x = torch.randn(B, *IMAGE_SHAPE, device=device)
         t = torch.randint(0, 1000, (B,), device=device)
         with torch.inference_mode(), autocast(device, precision):
-            _, fwd = repeat_timed(lambda: forward(x, t), device, 2, reps)
+            _, fwd, fwd_cpu = repeat_timed(lambda: forward(x, t), device, 2, reps)
             ddim(2)  # warm-up: oneDNN / cuDNN kernel selection
-            ddim_s = timed(lambda: ddim(ddim_steps), device)
+            ddim_s, ddim_cpu_s = timed(lambda: ddim(ddim_steps), device)
         med = statistics.median(fwd)
         results[precision] = dict(forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
-                                  ddim_steps=ddim_steps, ddim_s=ddim_s)
+                                  forward_median_cpu_s=statistics.median(fwd_cpu),
+                                  ddim_steps=ddim_steps, ddim_s=ddim_s, ddim_cpu_s=ddim_cpu_s)
     return dict(params=count_params(net), precisions=results)
 
 
@@ -439,7 +479,7 @@ def op_category(name):
     return "other (views, autograd bookkeeping, ...)"
 
 
-WORKERS = {"train": worker_train, "sample": worker_sample, "profile": worker_profile}
+WORKERS = {"train": worker_train, "paired": worker_paired, "sample": worker_sample, "profile": worker_profile}
 
 
 def worker_main(spec_json):
@@ -484,10 +524,11 @@ def matmul_ceiling(device, dtypes, n=2048, reps=10, warmup=3):
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(n, n, device=device, generator=g).to(dtype)
         b = torch.randn(n, n, device=device, generator=g).to(dtype)
-        _, times = repeat_timed(lambda: torch.mm(a, b), device, warmup, reps)
-        med = statistics.median(times)
+        _, times, cpus = repeat_timed(lambda: torch.mm(a, b), device, warmup, reps)
+        med, med_cpu = statistics.median(times), statistics.median(cpus)
         out[name] = dict(n=n, reps=reps, median_s=med, flop=2 * n**3, tflop_per_s=2 * n**3 / med / 1e12,
-                         best_tflop_per_s=2 * n**3 / min(times) / 1e12)
+                         best_tflop_per_s=2 * n**3 / min(times) / 1e12, median_cpu_s=med_cpu,
+                         tflop_per_cpu_s=2 * n**3 / med_cpu / 1e12 if med_cpu > 0 else None)
     return out
 
 
@@ -555,9 +596,13 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true", help="also measure the channels_last variants")
     p.add_argument("--compile", action="store_true",
                    help="also measure our U-Net under torch.compile (compile time + steady state)")
+    p.add_argument("--no-paired", action="store_true",
+                   help="skip the interleaved ours-vs-diffusers comparison (robust on a busy machine)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every measurement (default 0: torch's own default)")
+    p.add_argument("--worker-timeout", type=int, default=900,
+                   help="seconds before one measurement subprocess is given up (default 900)")
     p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
     p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -608,6 +653,10 @@ def main(argv=None):
         print(f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
               f"{load_start[2]:.2f}" + ("  <- the machine is busy: numbers are contended"
                                         if load_start[0] > 0.5 * (os.cpu_count() or 1) else ""))
+        if load_start[0] >= (os.cpu_count() or 1) and device.type == "cpu" and args.threads == 0:
+            print("warning: more runnable processes than CPUs. OpenMP threads that spin-wait at barriers "
+                  "then lose their time slices and a multi-threaded step can be many times slower than "
+                  "with one thread; --threads 1 gives steadier (still contended) numbers.")
 
     # ---- models and parameter matching ----
     cfg = experiment.Config()
@@ -656,13 +705,20 @@ def main(argv=None):
         plan.append(dict(base, model="ours", precision=best_precision, channels_last=False, compile=True,
                          warmup=max(args.warmup, 2), label="ours", optimizer="AdamW fused",
                          extras="clip+sched+EMA (train_step)"))
-    training = []
+    training, sampling, profile, paired = [], {}, None, {}
+
+    def save(partial):
+        results = dict(meta=dict(meta, partial=partial), models=models, matmul_ceiling=ceiling, flops=flops,
+                       training=training, paired_training=paired, sampling=sampling, profile=profile)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
     print(f"\ntraining: batch {args.batch}, median of {args.steps} steps after {args.warmup} warm-up steps, "
           f"each setting in a fresh subprocess")
     for spec in plan:
         setting = setting_name(spec["precision"], spec["channels_last"], spec.get("compile", False))
         print(f"  {spec['label']:<18} {setting:<14} ...", end="", flush=True)
-        res = run_worker(spec)
+        res = run_worker(spec, timeout=args.worker_timeout)
         row = dict(model=spec["label"], setting=setting, precision=spec["precision"],
                    channels_last=spec["channels_last"], compile=spec.get("compile", False),
                    optimizer=spec["optimizer"], extras=spec["extras"], **res)
@@ -671,52 +727,77 @@ def main(argv=None):
             row["achieved_gflop_per_s"] = fl * res["img_per_s"] / 1e9
             ceil = ceiling[spec["precision"]]["tflop_per_s"] * 1e12
             row["fraction_of_matmul_ceiling"] = fl * res["img_per_s"] / ceil
+            ceil_cpu = ceiling[spec["precision"]]["tflop_per_cpu_s"]
+            if res.get("img_per_cpu_s") and ceil_cpu:
+                row["fraction_of_matmul_ceiling_cpu_time"] = fl * res["img_per_cpu_s"] / (ceil_cpu * 1e12)
             print(f" {res['img_per_s']:7.1f} img/s  ({res['worker_wall_s']:.0f} s)")
         else:
             print(f" FAILED: {res['error']}")
             for line in res.get("stderr_tail", []):
                 print("      " + line)
         training.append(row)
+        save(partial=True)
 
     # ---- sampling ----
-    sampling = {}
+    if not args.no_paired:
+        print(f"\npaired: ours, diffusers and diffusers-matched in one process, steps interleaved "
+              f"({args.steps} rounds after {args.warmup} warm-up steps each)")
+        for precision in precisions:
+            print(f"  {setting_name(precision):<18} ...", end="", flush=True)
+            res = run_worker(dict(base, kind="paired", precision=precision, channels_last=False),
+                             timeout=args.worker_timeout)
+            paired[precision] = res
+            if "error" in res:
+                print(f" FAILED: {res['error']}")
+            else:
+                print(" " + ", ".join(f"ours/{k} {v['median_of_round_ratios']:.2f}x"
+                                      for k, v in res["ours_over"].items()) + f"  ({res['worker_wall_s']:.0f} s)")
+            save(partial=True)
+
     print(f"\nsampling: batch {args.batch}; forward = median of {args.forward_reps} passes, "
           f"DDIM = one run of {args.ddim_steps} steps")
     for name in ("ours", "diffusers"):
         print(f"  {name:<18} ...", end="", flush=True)
         res = run_worker(dict(kind="sample", device=str(device), threads=args.threads, model=name,
                               batch=args.batch, reps=args.forward_reps, ddim_steps=args.ddim_steps,
-                              precisions=precisions,
-                              diffusers_config=dcfg))
+                              precisions=precisions, diffusers_config=dcfg), timeout=args.worker_timeout)
         sampling[name] = res
+        save(partial=True)
         print(f" done ({res['worker_wall_s']:.0f} s)" if "error" not in res else f" FAILED: {res['error']}")
 
     # ---- profile ----
-    profile = None
     if not args.no_profile:
         print("  profiling our training step ...", end="", flush=True)
         profile = run_worker(dict(kind="profile", device=str(device), threads=args.threads, model="ours",
                                   precision=precisions[-1], batch=args.batch, warmup=1 if args.quick else 2,
-                                  steps=1 if args.quick else 3, top=15))
+                                  steps=1 if args.quick else 3, top=15), timeout=args.worker_timeout)
         print(" done" if "error" not in profile else f" FAILED: {profile['error']}")
 
     # ---- summary ----
     ok = [r for r in training if "error" not in r]
-    ratios = {}
-    for r in ok:
-        if r["model"] != "ours" or r["compile"]:
-            continue
-        for other in ("diffusers", "diffusers-matched"):
-            theirs = [o for o in ok if o["model"] == other and o["setting"] == r["setting"]]
-            if theirs:
-                ratios[f"{r['setting']} ours/{other}"] = r["img_per_s"] / theirs[0]["img_per_s"]
-    best_ours = max((r for r in ok if r["model"] == "ours"), key=lambda r: r["img_per_s"], default=None)
-    best_theirs = max((r for r in ok if r["model"] != "ours"), key=lambda r: r["img_per_s"], default=None)
-    best_idiomatic = max((r for r in ok if r["model"] == "diffusers"), key=lambda r: r["img_per_s"], default=None)
-    if best_ours and best_theirs:
-        ratios["best ours / best diffusers (any setting)"] = best_ours["img_per_s"] / best_theirs["img_per_s"]
-    if best_ours and best_idiomatic:
-        ratios["best ours / best idiomatic diffusers"] = best_ours["img_per_s"] / best_idiomatic["img_per_s"]
+
+    def compare(key):
+        """Ratios ours/theirs of `key` (img_per_s, or img_per_cpu_s) per setting and best against best."""
+        rows = [r for r in ok if r.get(key)]
+        ratios = {}
+        for r in rows:
+            if r["model"] != "ours" or r["compile"]:
+                continue
+            for other in ("diffusers", "diffusers-matched"):
+                theirs = [o for o in rows if o["model"] == other and o["setting"] == r["setting"]]
+                if theirs:
+                    ratios[f"{r['setting']} ours/{other}"] = r[key] / theirs[0][key]
+        best = lambda models: max((r for r in rows if r["model"] in models), key=lambda r: r[key], default=None)
+        b_ours, b_theirs = best({"ours"}), best({"diffusers", "diffusers-matched"})
+        b_idiomatic = best({"diffusers"})
+        if b_ours and b_theirs:
+            ratios["best ours / best diffusers (any setting)"] = b_ours[key] / b_theirs[key]
+        if b_ours and b_idiomatic:
+            ratios["best ours / best idiomatic diffusers"] = b_ours[key] / b_idiomatic[key]
+        return ratios, b_ours, b_theirs
+
+    ratios, best_ours, best_theirs = compare("img_per_s")
+    ratios_cpu, best_ours_cpu, best_theirs_cpu = compare("img_per_cpu_s") if device.type == "cpu" else ({}, None, None)
 
     ddim_ours = {}
     if "error" not in sampling.get("ours", {"error": 1}):
@@ -728,12 +809,22 @@ def main(argv=None):
             target=f">= {TARGETS['train_speedup_vs_diffusers']}", measured=v,
             met=v >= TARGETS["train_speedup_vs_diffusers"],
             detail=f"ours {best_ours['setting']} vs {best_theirs['model']} {best_theirs['setting']}")
+        paired_ok = {k: v for k, v in paired.items() if "error" not in v}
+        if paired_ok:
+            targets["train_speedup_vs_diffusers"]["paired_same_precision"] = {
+                k: {o: r["median_of_round_ratios"] for o, r in v["ours_over"].items()} for k, v in paired_ok.items()}
+        if best_ours_cpu and best_theirs_cpu:
+            targets["train_speedup_vs_diffusers"]["measured_by_cpu_time"] = (
+                best_ours_cpu["img_per_cpu_s"] / best_theirs_cpu["img_per_cpu_s"])
     if best_ours:
         v = best_ours["fraction_of_matmul_ceiling"]
         targets["train_fraction_of_matmul_ceiling"] = dict(
             target=f">= {TARGETS['train_fraction_of_matmul_ceiling']}", measured=v,
             met=v >= TARGETS["train_fraction_of_matmul_ceiling"],
             detail=f"ours {best_ours['setting']} against the {best_ours['precision']} torch.mm ceiling")
+        if best_ours_cpu and best_ours_cpu.get("fraction_of_matmul_ceiling_cpu_time"):
+            targets["train_fraction_of_matmul_ceiling"]["measured_by_cpu_time"] = (
+                best_ours_cpu["fraction_of_matmul_ceiling_cpu_time"])
     if ddim_ours:
         prec, v = min(ddim_ours.items(), key=lambda kv: kv[1])
         targets["ddim_64x50_seconds"] = dict(
@@ -741,11 +832,21 @@ def main(argv=None):
             met=(v < TARGETS["ddim_64x50_seconds"]) if (args.ddim_steps == 50 and args.batch == 64) else None,
             detail=f"ours {prec}, {args.batch} images x {args.ddim_steps} steps")
 
+    if args.quick:  # a smoke test's numbers say nothing about the targets
+        for v in targets.values():
+            v["met"] = None
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta["loadavg_1_5_15_at_end"] = load_end
     meta["wall_s"] = time.perf_counter() - t_start
-    results = dict(meta=meta, models=models, matmul_ceiling=ceiling, flops=flops, training=training,
-                   training_ratios=ratios, sampling=sampling, profile=profile, targets=targets)
+    results = save(partial=False)
+    results.update(training_ratios=ratios, targets=targets)
+    if ratios_cpu:
+        results["training_ratios_by_cpu_time"] = ratios_cpu
+        results["cpu_time_note"] = (
+            "img_per_cpu_s and *_cpu_time use the CPU seconds this process consumed (all its threads) "
+            "instead of wall seconds. On a busy machine they are much less disturbed by other processes "
+            "than wall-clock throughput, especially with --threads 1 (with more threads, OpenMP "
+            "spin-waiting also counts as CPU time). On a quiet machine, use the wall-clock numbers.")
 
     # ---- print ----
     print("\n=== training (batch %d) ===" % args.batch)
@@ -754,31 +855,51 @@ def main(argv=None):
         if "error" in r:
             rows.append([r["model"], r["setting"], r["optimizer"], r["extras"], "FAILED", "", "", "", ""])
             continue
-        rows.append([r["model"], r["setting"], r["optimizer"], r["extras"], fmt(r["img_per_s"]),
-                     fmt(r["median_step_s"] * 1e3), fmt(r["peak_mem_mib"], ".0f"),
-                     fmt(r["achieved_gflop_per_s"]), fmt(100 * r["fraction_of_matmul_ceiling"])])
-    print_table(["model", "setting", "optimizer", "extras", "img/s", "step ms", "peak MiB", "GFLOP/s",
-                 "% mm ceil"], rows)
+        row = [r["model"], r["setting"], r["optimizer"], r["extras"], fmt(r["img_per_s"]),
+               fmt(r["median_step_s"] * 1e3), fmt(r["peak_mem_mib"], ".0f"),
+               fmt(r["achieved_gflop_per_s"]), fmt(100 * r["fraction_of_matmul_ceiling"])]
+        if device.type == "cpu":
+            frac = r.get("fraction_of_matmul_ceiling_cpu_time")
+            row += [fmt(r.get("img_per_cpu_s")), fmt(None if frac is None else 100 * frac)]
+        rows.append(row)
+    headers = ["model", "setting", "optimizer", "extras", "img/s", "step ms", "peak MiB", "GFLOP/s", "% mm ceil"]
+    if device.type == "cpu":
+        headers += ["img/CPU-s", "% ceil CPU-t"]
+    print_table(headers, rows)
+    print("% mm ceil: achieved FLOP/s over the torch.mm ceiling of the same precision"
+          + ("; img/CPU-s and % ceil CPU-t: the same per CPU-second consumed (steadier on a busy machine)"
+             if device.type == "cpu" else ""))
     mem_methods = {r["mem_method"] for r in ok}
     print("peak MiB: " + "; ".join(sorted(mem_methods)) if mem_methods else "")
     for r in ok:
         if r.get("compile"):
             print(f"torch.compile: first step {r['first_step_s']:.1f} s "
                   f"(compile time ~{r['compile_time_s_est']:.1f} s)")
-    print("\nthroughput ratios (ours / theirs, img/s):")
+    print("\nthroughput ratios (ours / theirs, img/s)" + ("   [by CPU time]" if ratios_cpu else "") + ":")
     for k, v in ratios.items():
-        print(f"  {k:<48} {v:.2f}x")
+        print(f"  {k:<48} {v:5.2f}x" + (f"   [{ratios_cpu[k]:5.2f}x]" if k in ratios_cpu else ""))
+
+    if any("error" not in v for v in paired.values()):
+        print("\npaired, steps interleaved in one process (median of per-round ratios; img/s in brackets):")
+        for precision, res in paired.items():
+            if "error" in res:
+                continue
+            ips = res["img_per_s"]
+            print(f"  {setting_name(precision):<6} " + ",  ".join(
+                f"ours/{k} {v['median_of_round_ratios']:.2f}x" for k, v in res["ours_over"].items())
+                + "   [" + ", ".join(f"{k} {v:.1f}" for k, v in ips.items()) + "]")
 
     print("\n=== sampling (batch %d) ===" % args.batch)
     rows = []
     for name, res in sampling.items():
         if "error" in res:
-            rows.append([name, "", "FAILED", "", ""])
+            rows.append([name, "", "FAILED", "", "", "", ""])
             continue
         for prec, v in res["precisions"].items():
             rows.append([name, setting_name(prec), fmt(v["forward_img_per_s"]), fmt(v["forward_median_s"] * 1e3),
-                         fmt(v["ddim_s"], ".2f")])
-    print_table(["model", "setting", "fwd img/s", "fwd ms", f"DDIM {args.ddim_steps} steps s"], rows)
+                         fmt(v["forward_median_cpu_s"] * 1e3), fmt(v["ddim_s"], ".2f"), fmt(v["ddim_cpu_s"], ".2f")])
+    print_table(["model", "setting", "fwd img/s", "fwd ms", "fwd CPU ms", f"DDIM {args.ddim_steps} steps s",
+                 "DDIM CPU s"], rows)
 
     if profile and "error" not in profile:
         print(f"\n=== profile: our training step, {setting_name(profile['precision'])}, batch {profile['batch']} "
@@ -792,8 +913,9 @@ def main(argv=None):
 
     print("\n=== targets ===")
     for k, v in targets.items():
-        met = {True: "MET", False: "not met", None: "n/a (not the target's settings)"}[v["met"]]
-        print(f"  {k:<36} target {v['target']:<7} measured {v['measured']:.3g}  {met}  ({v['detail']})")
+        met = {True: "MET", False: "not met", None: "n/a (--quick, or not the target's settings)"}[v["met"]]
+        cpu = f" [by CPU time {v['measured_by_cpu_time']:.3g}]" if "measured_by_cpu_time" in v else ""
+        print(f"  {k:<36} target {v['target']:<7} measured {v['measured']:.3g}{cpu}  {met}  ({v['detail']})")
     if load_start:
         print(f"\nload average 1 min: {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
               f"({meta['logical_cpus']} logical CPUs); wall time {meta['wall_s']:.0f} s")

@@ -465,12 +465,12 @@ class Experiment:
         try:  # compilation is lazy: try it on a tiny batch, without touching the run's RNG
             with torch.random.fork_rng(devices=[]), autocast(self.device, self.precision):
                 compiled(torch.rand(2, 1, 28, 28, device=self.device)).backward()
-            self.diffusion.zero_grad(set_to_none=True)
             return compiled
         except Exception as e:
             self._print(f"torch.compile is not available here ({type(e).__name__}: {str(e)[:100]}): running eagerly")
-            self.diffusion.zero_grad(set_to_none=True)
             return self.diffusion
+        finally:
+            self.diffusion.zero_grad(set_to_none=True)
 
     # ---- checkpoints ----
     def state_dict(self):
@@ -879,12 +879,16 @@ def fid_to_train(images, dataset):
     return frechet_distance(*gaussian_stats(feats), *reference_stats(dataset)), probs
 
 
+_FID_FLOORS = {}
+
+
 def fid_floor(dataset, n):
     """FID of n real test images against the training split: the best a sampler can hope for at n."""
-    test = load_images(dataset, train=False)[0]
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(test), generator=g)[:n]
-    return fid_to_train(test[idx], dataset)[0]
+    if (dataset, n) not in _FID_FLOORS:  # evaluating several samplers reuses it
+        test = load_images(dataset, train=False)[0]
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
+        _FID_FLOORS[dataset, n] = fid_to_train(test[idx], dataset)[0]
+    return _FID_FLOORS[dataset, n]
 
 
 def evaluate_samples(images, dataset, confidence=0.9):

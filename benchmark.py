@@ -20,6 +20,7 @@ and "matched": with the same fused AdamW, clipping, LR schedule and EMA update a
     python benchmark.py --compile        # also torch.compile our U-Net (slow to compile on a CPU)
     python benchmark.py --channels-last  # also the channels_last variants
     python benchmark.py --threads 1      # steadier numbers when other processes share the CPUs
+    python benchmark.py --loss-curves 400  # does the fast setting train the same? (float32 vs bfloat16)
 
 On a CPU, every worker also records the CPU seconds it consumed, so that a run on a busy machine
 still gives a rough comparison (img/CPU-s); the wall-clock numbers of a quiet machine are the real
@@ -638,6 +639,27 @@ def setting_name(precision, channels_last=False, compile=False):
     return name + ("+CL" if channels_last else "") + ("+compile" if compile else "")
 
 
+def loss_curves(steps, device):
+    """The fast setting must not change what is learned: same run, same seed, float32 vs bfloat16."""
+    import experiment
+    base = experiment.Config(steps=steps, device=device, log_every=10, checkpoint_every=steps,
+                             sample_every=0, gif=False, eval_samples=0)
+    if not experiment.bf16_supported(experiment.pick_device(device)):
+        print("bfloat16 is not supported natively here: nothing to compare")
+        return 1
+    names = ["float32", "bfloat16"]
+    manager = experiment.ExperimentManager([base.replace(precision=n) for n in names],
+                                           "runs/precision_check", names=names)
+    rows = {r["run"]: r for r in manager.run(progress=True)}
+    experiment.plot_loss_curves({n: f"runs/precision_check/{n}" for n in names}, "data/precision_loss_curves.png")
+    for n in names:
+        print(f"{n:9s} final loss (mean of last 5 logs) {rows[n]['final_loss']:.4f}, "
+              f"{steps * base.batch_size / rows[n]['train_time_s']:.0f} images/s")
+    diff = rows["bfloat16"]["final_loss"] / rows["float32"]["final_loss"] - 1
+    print(f"bfloat16 / float32 final loss - 1 = {diff:+.1%}; curves in data/precision_loss_curves.png")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -662,10 +684,17 @@ def main(argv=None):
                    help="seconds before one measurement subprocess is given up (default 900)")
     p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
     p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
+    p.add_argument("--loss-curves", type=int, metavar="STEPS",
+                   help="instead of timing: train the default Fashion-MNIST run for STEPS steps in float32 and "
+                        "in bfloat16 from the same seed and overlay their loss curves (data/precision_loss_curves.png)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if args.loss_curves is not None:
+        if args.loss_curves < 1:
+            p.error(f"--loss-curves must be >= 1, got {args.loss_curves}")
+        return loss_curves(args.loss_curves, args.device)
     sys.stdout.reconfigure(line_buffering=True)
     if args.threads < 0:
         p.error("--threads must be >= 0")

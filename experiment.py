@@ -678,8 +678,12 @@ class Experiment:
         _atomic_write_text(self.out / "done.json", json.dumps(done, indent=2) + "\n")
         self._print(f"finished {self.out}: " + ", ".join(f"{k}={v}" for k, v in done.items()))
 
-    def evaluate(self, n, steps=None, use_ema=True, batch=250, **sampler_kwargs):
-        """Sample n images and score them against the dataset (see `evaluate_samples`)."""
+    def evaluate(self, n, steps=None, use_ema=True, batch=250, return_images=False, **sampler_kwargs):
+        """Sample n images and score them against the dataset (see `evaluate_samples`).
+
+        Returns the result dict, or (result, images) with return_images=True, so a figure can
+        show exactly the images that were scored.
+        """
         steps = steps or self.cfg.eval_steps
         g = torch.Generator(self.device).manual_seed(self.cfg.seed + 1)
         t0 = time.perf_counter()
@@ -691,7 +695,7 @@ class Experiment:
         result.update(sampler=sampler, sampling_steps=steps, ema=use_ema,
                       sample_time_per_image_s=round(seconds / n, 4),
                       **{k: v for k, v in sampler_kwargs.items() if k != "eta"})
-        return result
+        return (result, imgs.cpu()) if return_images else result
 
     def results(self):
         out = {"run": str(self.out)}
@@ -711,6 +715,20 @@ class Experiment:
         exp._build(1)
         exp.load_checkpoint()
         return exp
+
+
+def export_weights(run_dir, path):
+    """The EMA weights of a run (a GaussianDiffusion state dict, CPU tensors) to `path`, atomically;
+    its deduplicated training log and config beside it (<stem>_metrics.jsonl, <stem>_config.json)."""
+    exp = Experiment.from_run_dir(run_dir, device="cpu")
+    path = Path(path)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(exp.ema.module.state_dict(), tmp)
+    os.replace(tmp, path)
+    stem = path.with_suffix("").as_posix().removesuffix("_ema")
+    _atomic_write_text(f"{stem}_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir)))
+    exp.cfg.save(f"{stem}_config.json")
+    return exp.step
 
 
 def read_metrics(run_dir):
@@ -830,21 +848,23 @@ def load_classifier(dataset):
                                     f"train-classifier --dataset {dataset}`")
         model = Classifier()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        _CLASSIFIERS[dataset] = model.eval()
+        # on a GPU when there is one: scoring the 60,000 training images takes a minute on a CPU
+        _CLASSIFIERS[dataset] = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     return _CLASSIFIERS[dataset]
 
 
 @torch.no_grad()
 def classifier_outputs(images, dataset, batch=1000):
-    """(features (N, 128) float64, class probabilities (N, 10)) of images in [0, 1] or uint8."""
+    """(features (N, 128) float64, class probabilities (N, 10)) on the CPU, of images in [0, 1] or uint8."""
     model = load_classifier(dataset)
+    device = next(model.parameters()).device
     feats, probs = [], []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].cpu()
+        x = images[i:i + batch].to(device)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         f = model.features(x)
-        feats.append(f.double())
-        probs.append(model.head(f).softmax(-1))
+        feats.append(f.double().cpu())
+        probs.append(model.head(f).softmax(-1).cpu())
     return torch.cat(feats), torch.cat(probs)
 
 
@@ -925,22 +945,63 @@ class ExperimentManager:
         dicts = [c.to_dict() for c in self.configs.values()]
         return [k for k in dicts[0] if k != "out_dir" and len({json.dumps(d[k]) for d in dicts}) > 1]
 
-    def run(self, progress=True):
+    def run(self, progress=True, parallel=1):
+        """Train every run that has not finished; returns the results table.
+
+        parallel > 1 trains that many runs at once, each in its own process (`experiment.py train
+        --config`, output in <run>/train.log). Worth it on a GPU, which one small run leaves mostly
+        idle; not on a CPU, where concurrent runs fight over the same cores and all slow down.
+        """
+        if not isinstance(parallel, int) or parallel < 1:
+            raise ConfigError(f"parallel={parallel!r} is not allowed: expected an integer >= 1")
+        pending = []
         for name, cfg in self.configs.items():
-            exp = Experiment(cfg)
-            if exp.done:
+            if Experiment(cfg).done:
                 print(f"{name}: finished earlier, skipped")
-                continue
-            exp.run(progress=progress)
+            else:
+                pending.append(name)
+        if parallel == 1:
+            for name in pending:
+                Experiment(self.configs[name]).run(progress=progress)
+        else:
+            self._run_in_processes(pending, parallel)
         return self.table()
+
+    def _run_in_processes(self, names, parallel):
+        running, failed, queue = {}, [], list(names)
+        while queue or running:
+            while queue and len(running) < parallel:
+                name = queue.pop(0)
+                cfg, out = self.configs[name], Path(self.configs[name].out_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                cfg.save(out / "config.json")
+                log = open(out / "train.log", "a")
+                cmd = [sys.executable, str(REPO_DIR / "experiment.py"), "train", "--config",
+                       str(out / "config.json"), "--no-progress"]
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"{name}: started (process {running[name][0].pid}, log {out / 'train.log'})", flush=True)
+            time.sleep(0.5)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode:
+                    failed.append(name)
+                    tail = (Path(self.configs[name].out_dir) / "train.log").read_text().splitlines()[-3:]
+                    print(f"{name}: failed (exit {proc.returncode}): " + " | ".join(tail), flush=True)
+                else:
+                    print(f"{name}: finished", flush=True)
+        if failed:
+            raise RuntimeError(f"runs {failed} failed; their logs are train.log in each run directory")
 
     def table(self):
         rows = []
         for name, cfg in self.configs.items():
             res = Experiment(cfg).results()
             row = {"run": name, **{k: cfg.to_dict()[k] for k in self.varied_fields()}}
-            for key in ("final_loss", "fid", "fid_floor", "confident_share", "sample_time_per_image_s",
-                        "train_time_s"):
+            for key in ("final_loss", "fid", "fid_floor", "confident_share", "class_share_min", "class_share_max",
+                        "sample_time_per_image_s", "train_time_s"):
                 row[key] = res.get(key)
             rows.append(row)
         return rows
@@ -1078,6 +1139,9 @@ def build_parser():
     tc.add_argument("--dataset", choices=tuple(DATASETS), required=True)
     tc.add_argument("--epochs", type=int, default=3)
     sub.add_parser("export", help="regenerate DDPM.py from the cells of DDPM.ipynb marked '#| export'")
+    ew = sub.add_parser("export-weights", help="save a run's EMA weights (with its log and config beside them)")
+    ew.add_argument("run_dir")
+    ew.add_argument("out", help="output .pt file, e.g. data/ddpm_mnist_ema.pt")
     return p
 
 
@@ -1119,6 +1183,9 @@ def main(argv=None):
                     print(f"{name} {'train' if train else 'test'}: {len(ds)} images in {default_data_root()}")
         elif command == "train-classifier":
             train_classifier(args.dataset, epochs=args.epochs)
+        elif command == "export-weights":
+            step = export_weights(args.run_dir, args.out)
+            print(f"wrote the EMA weights of {args.run_dir} (step {step}) to {args.out}")
         elif command == "export":
             export_module()
             print("wrote DDPM.py from the exported cells of DDPM.ipynb")

@@ -235,6 +235,26 @@ def test_experiment_manager_skips_finished_runs_and_tabulates(tmp_path, capsys):
         assert (tmp_path / "study" / name).exists(), name
 
 
+def test_experiment_manager_trains_runs_in_parallel_processes(tmp_path, capsys):
+    configs = [tiny_config("x", steps=4), tiny_config("x", steps=4, objective="pred_v")]
+    manager = ExperimentManager(configs, tmp_path / "study", names=["eps", "v"])
+    rows = manager.run(progress=False, parallel=2)
+    assert [r["run"] for r in rows] == ["eps", "v"]
+    assert all(r["final_loss"] > 0 for r in rows)
+    for name in ("eps", "v"):
+        assert (tmp_path / "study" / name / "done.json").exists()
+        assert "finished" in (tmp_path / "study" / name / "train.log").read_text()
+    manager.run(progress=False, parallel=2)
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+
+
+@pytest.mark.parametrize("parallel", [0, -1, 1.5])
+def test_experiment_manager_rejects_invalid_parallel(tmp_path, parallel):
+    manager = ExperimentManager([tiny_config("x")], tmp_path / "study")
+    with pytest.raises(ConfigError, match=f"parallel={parallel!r} is not allowed"):
+        manager.run(parallel=parallel)
+
+
 # ---------------------------------------------------------------- torchrun
 
 DDP_WORKER = """
@@ -310,6 +330,22 @@ def test_cli_samples_from_a_run(tmp_path):
     assert out.exists()
 
 
+def test_cli_exports_ema_weights_that_load_into_the_model(tmp_path):
+    cfg = tiny_config(tmp_path / "run", steps=4)
+    exp = Experiment(cfg)
+    exp.run(progress=False)
+    out = tmp_path / "tiny_ema.pt"
+    result = run_python(["experiment.py", "export-weights", str(tmp_path / "run"), str(out)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    model = experiment.build_diffusion(cfg)
+    model.load_state_dict(state)  # strict: every key of the model, nothing else
+    assert_same_tensors(state, {k: v.cpu() for k, v in exp.ema.module.state_dict().items()})
+    assert Config.load(tmp_path / "tiny_config.json").to_dict() == cfg.to_dict()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "tiny_metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
 # ---------------------------------------------------------------- evaluation
 
 def test_frechet_distance_of_gaussians_matches_closed_form():
@@ -335,3 +371,12 @@ def test_fid_is_small_for_real_images_and_large_for_noise_and_blur(dataset):
     assert noise["fid"] > 20 * floor["fid_floor"]
     assert blurred["fid"] > 5 * floor["fid_floor"]
     assert floor["confident_share"] > 0.7 and sum(floor["class_histogram"]) == 1000
+
+
+def test_evaluate_returns_exactly_the_images_it_scored(tmp_path):
+    exp = Experiment(tiny_config(tmp_path / "run", steps=2))
+    exp.run(progress=False)
+    result, images = exp.evaluate(16, steps=3, return_images=True)
+    assert images.shape == (16, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
+    assert result["n_samples"] == 16 and result["sampling_steps"] == 3
+    assert experiment.evaluate_samples(images, "mnist")["fid"] == pytest.approx(result["fid"])

@@ -651,7 +651,7 @@ def loss_curves(steps, device):
     manager = experiment.ExperimentManager([base.replace(precision=n) for n in names],
                                            "runs/precision_check", names=names)
     rows = {r["run"]: r for r in manager.run(progress=True)}
-    experiment.plot_loss_curves({n: f"runs/precision_check/{n}" for n in names}, "data/precision_loss_curves.png")
+    experiment.plot_loss_curves({n: c.out_dir for n, c in manager.configs.items()}, "data/precision_loss_curves.png")
     for n in names:
         print(f"{n:9s} final loss (mean of last 5 logs) {rows[n]['final_loss']:.4f}, "
               f"{steps * base.batch_size / rows[n]['train_time_s']:.0f} images/s")

@@ -322,6 +322,13 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def _atomic_torch_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+    tmp = Path(path).with_suffix(".pt.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def build_diffusion(cfg):
     """The U-Net and GaussianDiffusion a config describes."""
     unet = DDPM.Unet(dim=cfg.dim, dim_mults=tuple(cfg.dim_mults), channels=1,
@@ -487,11 +494,8 @@ class Experiment:
 
     def save_checkpoint(self):
         """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
-        if not self.is_main:
-            return
-        tmp = self.ckpt_path.with_suffix(".pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.ckpt_path)
+        if self.is_main:
+            _atomic_torch_save(self.state_dict(), self.ckpt_path)
 
     def load_checkpoint(self):
         state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
@@ -721,11 +725,8 @@ def export_weights(run_dir, path):
     """The EMA weights of a run (a GaussianDiffusion state dict, CPU tensors) to `path`, atomically;
     its deduplicated training log and config beside it (<stem>_metrics.jsonl, <stem>_config.json)."""
     exp = Experiment.from_run_dir(run_dir, device="cpu")
-    path = Path(path)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(exp.ema.module.state_dict(), tmp)
-    os.replace(tmp, path)
-    stem = path.with_suffix("").as_posix().removesuffix("_ema")
+    _atomic_torch_save(exp.ema.module.state_dict(), path)
+    stem = Path(path).with_suffix("").as_posix().removesuffix("_ema")
     _atomic_write_text(f"{stem}_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir)))
     exp.cfg.save(f"{stem}_config.json")
     return exp.step
@@ -949,8 +950,10 @@ class ExperimentManager:
         """Train every run that has not finished; returns the results table.
 
         parallel > 1 trains that many runs at once, each in its own process (`experiment.py train
-        --config`, output in <run>/train.log). Worth it on a GPU, which one small run leaves mostly
-        idle; not on a CPU, where concurrent runs fight over the same cores and all slow down.
+        --config`, output in <run>/train.log), so that they finish together. It does not raise total
+        throughput on one device: on a CPU concurrent runs fight over the same cores, and on one
+        H100 six processes of the default U-Net trained ~3,100 images/s together against ~2,400 for
+        one alone (the GPU time-slices between processes; each step is launch-bound).
         """
         if not isinstance(parallel, int) or parallel < 1:
             raise ConfigError(f"parallel={parallel!r} is not allowed: expected an integer >= 1")
@@ -972,7 +975,8 @@ class ExperimentManager:
         while queue or running:
             while queue and len(running) < parallel:
                 name = queue.pop(0)
-                cfg, out = self.configs[name], Path(self.configs[name].out_dir)
+                cfg = self.configs[name]
+                out = Path(cfg.out_dir)
                 out.mkdir(parents=True, exist_ok=True)
                 cfg.save(out / "config.json")
                 log = open(out / "train.log", "a")

@@ -728,7 +728,7 @@ def export_weights(run_dir, path):
     _atomic_torch_save(exp.ema.module.state_dict(), path)
     stem = Path(path).with_suffix("").as_posix().removesuffix("_ema")
     _atomic_write_text(f"{stem}_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir)))
-    exp.cfg.save(f"{stem}_config.json")
+    Config.load(Path(run_dir) / "config.json").save(f"{stem}_config.json")  # as trained, not as loaded here
     return exp.step
 
 

@@ -141,6 +141,23 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
     assert_same_tensors(a["ema"], b["ema"])
 
 
+def test_finished_run_extended_to_more_steps_continues_from_its_checkpoint(tmp_path):
+    short = tiny_config(tmp_path / "run", steps=8)
+    Experiment(short).run(progress=False)
+    longer = short.replace(steps=16)
+    result = Experiment(longer).run(progress=False)
+    assert result["step"] == 16
+    assert load_checkpoint(tmp_path / "run")["step"] == 16
+    assert Config.load(tmp_path / "run" / "config.json").steps == 16
+    rows = {r["step"]: r for r in experiment.read_metrics(tmp_path / "run")}
+    assert sorted(rows) == list(range(2, 17, 2))  # one log, both stretches, nothing repeated
+    # the cosine decay is re-aimed at the new end: after step 8 the rate follows the 16-step schedule
+    new_factor = experiment.lr_lambda(longer, 16)
+    for step in (10, 12, 14):
+        assert rows[step]["lr"] == pytest.approx(longer.lr * new_factor(step))
+    assert rows[8]["lr"] == pytest.approx(short.lr * 0.1)  # the short run had decayed to lr/10
+
+
 TORN_WRITE_SCRIPT = """
 import io, os, signal, sys
 import torch
@@ -331,7 +348,7 @@ def test_cli_samples_from_a_run(tmp_path):
 
 
 def test_cli_exports_ema_weights_that_load_into_the_model(tmp_path):
-    cfg = tiny_config(tmp_path / "run", steps=4)
+    cfg = tiny_config(tmp_path / "run", steps=4, device="auto")  # the exported config keeps "auto"
     exp = Experiment(cfg)
     exp.run(progress=False)
     out = tmp_path / "tiny_ema.pt"

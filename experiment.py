@@ -493,7 +493,7 @@ class Experiment:
         }
 
     def save_checkpoint(self):
-        """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
+        """The run's state (see `state_dict`), written atomically by the main process only."""
         if self.is_main:
             _atomic_torch_save(self.state_dict(), self.ckpt_path)
 

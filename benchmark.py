@@ -20,6 +20,7 @@ and "matched": with the same fused AdamW, clipping, LR schedule and EMA update a
     python benchmark.py --compile        # also torch.compile our U-Net (slow to compile on a CPU)
     python benchmark.py --channels-last  # also the channels_last variants
     python benchmark.py --threads 1      # steadier numbers when other processes share the CPUs
+    python benchmark.py --precision float32  # one precision only (default: bfloat16 too, where native)
     python benchmark.py --loss-curves 400  # does the fast setting train the same? (float32 vs bfloat16)
 
 On a CPU, every worker also records the CPU seconds it consumed, so that a run on a busy machine
@@ -32,7 +33,6 @@ memory numbers of one model cannot leak into another's.
 """
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -52,8 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import experiment
+
 REPO_DIR = Path(__file__).resolve().parent
 RESULT_TAG = "@@BENCHMARK_RESULT "
+# (channels, height, width): the MNIST / Fashion-MNIST images experiment.build_diffusion's U-Net is
+# built for. Everything below that needs an image size takes it from here.
 IMAGE_SHAPE = (1, 28, 28)
 
 BUSY_SHARE = 0.10  # other processes' share of the CPUs above which a CPU run counts as contended
@@ -64,29 +68,21 @@ TARGETS = {
     "train_fraction_of_matmul_ceiling": 0.55,  # our best training step, at its precision
     "ddim_64x50_seconds": 10.0,              # 64 images, 50 DDIM steps
 }
+# The setting the DDIM target is stated for (also the defaults of --batch and --ddim-steps): the
+# target is only judged at exactly this setting.
+DDIM_TARGET_BATCH, DDIM_TARGET_STEPS = 64, 50
 
 
 # ================================================================================================
 # Small helpers
 # ================================================================================================
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmark.py: error: --device cuda, but no CUDA device is available")
-    return torch.device(name)
-
-
 def sync(device):
+    """Wait for the device's queued work, so that a timer around it measures the work itself."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device, precision):
-    if precision == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    elif device.type == "mps":  # experiment.pick_device("auto") picks Apple MPS where present
+        torch.mps.synchronize()
 
 
 def timed(fn, device):
@@ -198,17 +194,6 @@ class OtherLoad:
         return max(0.0, (b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1))
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -245,16 +230,12 @@ def import_diffusers():
 # The two models
 # ================================================================================================
 
-def our_config():
-    import experiment
-    return experiment.Config()
-
-
 def diffusers_config(width, layers_per_block):
     """A small UNet2DModel for 28x28x1 in the spirit of our U-Net: three levels (28, 14, 7),
     channels (w, 2w, 2w), self-attention at 14x14 and in the middle block (at 7x7)."""
+    channels, size, _ = IMAGE_SHAPE
     return dict(
-        sample_size=28, in_channels=1, out_channels=1,
+        sample_size=size, in_channels=channels, out_channels=channels,
         block_out_channels=(width, 2 * width, 2 * width),
         layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -295,14 +276,12 @@ def _random_batch(batch):
 
 def build_our_experiment(spec, device):
     """experiment.Experiment at the default config, built exactly as `experiment.py train` builds it."""
-    import experiment
     cfg = experiment.Config().replace(
         device=device.type, batch_size=spec["batch"], precision=spec["precision"],
         channels_last=spec.get("channels_last", False), compile=spec.get("compile", False),
         out_dir=str(Path(tempfile.gettempdir()) / "ddpm-benchmark-unused"))
-    exp = experiment.Experiment(cfg)
-    exp._build(n_images=60000)
-    return exp
+    # A run of the config's default length: the schedule's length sets the learning rate, not a step's cost.
+    return experiment.Experiment(cfg).build(cfg.steps)
 
 
 def build_diffusers_training(spec, device):
@@ -312,7 +291,6 @@ def build_diffusers_training(spec, device):
     matched=True: the same step with our training loop's extras: fused AdamW with our betas,
     gradient clipping, LambdaLR schedule and the EMA update, from experiment.py.
     """
-    import experiment
     UNet2DModel, DDPMScheduler, _ = import_diffusers()
     cfg = experiment.Config()
     torch.manual_seed(cfg.seed)
@@ -339,7 +317,7 @@ def build_diffusers_training(spec, device):
         noise = torch.randn_like(clean)
         t = torch.randint(0, cfg.timesteps, (B,), device=device)
         noisy = noise_scheduler.add_noise(clean, noise, t)
-        with autocast(device, precision):
+        with experiment.autocast(device, precision):
             pred = unet(noisy, t).sample
         loss = F.mse_loss(pred.float(), noise)
         loss.backward()
@@ -413,10 +391,10 @@ def worker_paired(spec, device):
 
 def worker_sample(spec, device):
     """Per precision: one denoising forward pass on a batch, and a full DDIM run."""
-    import experiment
     B, reps, ddim_steps = spec["batch"], spec["reps"], spec["ddim_steps"]
+    cfg = experiment.Config()
     if spec["model"] == "ours":
-        diffusion = experiment.build_diffusion(experiment.Config()).to(device).eval()
+        diffusion = experiment.build_diffusion(cfg).to(device).eval()
         net = diffusion.model
 
         def forward(x, t):
@@ -427,7 +405,8 @@ def worker_sample(spec, device):
     else:
         UNet2DModel, _, DDIMScheduler = import_diffusers()
         net = UNet2DModel(**spec["diffusers_config"]).to(device).eval()
-        scheduler = DDIMScheduler(num_train_timesteps=1000)  # linear betas 1e-4..0.02, as ours
+        # diffusers' default betas are linear from 1e-4 to 0.02, as our default "linear" schedule
+        scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps)
 
         def forward(x, t):
             return net(x, t).sample
@@ -444,8 +423,8 @@ def worker_sample(spec, device):
     for precision in spec["precisions"]:
         torch.manual_seed(0)
         x = torch.randn(B, *IMAGE_SHAPE, device=device)
-        t = torch.randint(0, 1000, (B,), device=device)
-        with torch.inference_mode(), autocast(device, precision):
+        t = torch.randint(0, cfg.timesteps, (B,), device=device)
+        with torch.inference_mode(), experiment.autocast(device, precision):
             _, fwd, fwd_cpu = repeat_timed(lambda: forward(x, t), device, 2, reps)
             ddim(2)  # warm-up: oneDNN / cuDNN kernel selection
             ddim_s, ddim_cpu_s = timed(lambda: ddim(ddim_steps), device)
@@ -589,35 +568,425 @@ def onednn_fp32_gemm(a, b, warmup, reps):
 
 
 def training_flops(model_name, diffusers_cfg, device, batch):
-    """FLOPs per image of one training step (forward + backward), counted by FlopCounterMode.
+    """(forward, backward) training FLOPs per image of one model, by experiment.count_training_flops.
 
-    FlopCounterMode counts matrix multiplications, convolutions and attention only; GroupNorm,
-    activations, softmax and the optimizer are not included. The count does not depend on the
-    precision. Returns (forward, backward) per image.
+    Both losses are the plain noise-prediction MSE on the same images, timesteps and noise.
     """
-    import experiment
-    from torch.utils.flop_counter import FlopCounterMode
+    timesteps = experiment.Config().timesteps
     torch.manual_seed(0)
     x = torch.rand(batch, *IMAGE_SHAPE, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
+    t = torch.randint(0, timesteps, (batch,), device=device)
     noise = torch.randn_like(x)
     if model_name == "ours":
         diffusion = experiment.build_diffusion(experiment.Config()).to(device)
-        with FlopCounterMode(display=False) as fwd:
-            loss = diffusion(x, t=t, noise=noise)
+
+        def loss():
+            return diffusion(x, t=t, noise=noise)
     else:
         UNet2DModel, DDPMScheduler, _ = import_diffusers()
         unet = UNet2DModel(**diffusers_cfg).to(device)
-        noisy = DDPMScheduler(num_train_timesteps=1000).add_noise(x * 2 - 1, noise, t)
-        with FlopCounterMode(display=False) as fwd:
-            loss = F.mse_loss(unet(noisy, t).sample, noise)
-    with FlopCounterMode(display=False) as bwd:
-        loss.backward()
-    return fwd.get_total_flops() / batch, bwd.get_total_flops() / batch
+        noisy = DDPMScheduler(num_train_timesteps=timesteps).add_noise(x * 2 - 1, noise, t)
+
+        def loss():
+            return F.mse_loss(unet(noisy, t).sample, noise)
+    return experiment.count_training_flops(loss, batch)
 
 
 # ================================================================================================
-# Report
+# Phase 1: the command line
+# ================================================================================================
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: as experiment.py picks it (CUDA, then Apple MPS, then the CPU)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps before timing (default 3)")
+    p.add_argument("--batch", type=int, default=DDIM_TARGET_BATCH, help="batch size (default %(default)s)")
+    p.add_argument("--ddim-steps", type=int, default=DDIM_TARGET_STEPS,
+                   help="DDIM sampling steps (default %(default)s)")
+    p.add_argument("--forward-reps", type=int, default=10, help="timed single forward passes (default 10)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto (default): float32, and bfloat16 autocast where the hardware does it natively")
+    p.add_argument("--channels-last", action="store_true", help="also measure the channels_last variants")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure our U-Net under torch.compile (compile time + steady state)")
+    p.add_argument("--paired-rounds", type=int, default=10,
+                   help="rounds of the interleaved comparison (default 10; --quick: 2)")
+    p.add_argument("--no-paired", action="store_true",
+                   help="skip the interleaved ours-vs-diffusers comparison (robust on a busy machine)")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in every measurement (default 0: torch's own default)")
+    p.add_argument("--worker-timeout", type=int, default=900,
+                   help="seconds before one measurement subprocess is given up (default 900)")
+    p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
+    p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
+    p.add_argument("--loss-curves", type=int, metavar="STEPS",
+                   help="instead of timing: train the default Fashion-MNIST run for STEPS steps in float32 and "
+                        "in bfloat16 from the same seed and overlay their loss curves (data/precision_loss_curves.png)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    """The arguments, checked; --quick replaces the step counts by a smoke test's."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.loss_curves is not None and args.loss_curves < 1:
+        p.error(f"--loss-curves must be >= 1, got {args.loss_curves}")
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    for name in ("steps", "batch", "ddim_steps", "forward_reps", "paired_rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.quick:
+        args.steps, args.warmup, args.ddim_steps, args.forward_reps, args.paired_rounds = 2, 1, 3, 2, 2
+    return args
+
+
+# ================================================================================================
+# Phase 2: facts about the machine, the models and the matrix-multiply ceiling
+# ================================================================================================
+
+def collect_machine_facts(args, device):
+    """The run's `meta`: what ran where (CPU model and its matrix extensions, or the GPU), and how."""
+    bf16 = experiment.bf16_supported(device)
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        device=str(device),
+        device_name=experiment.device_name(device),
+        cpu_model=experiment.cpu_model(), cpu_flags=cpu_flags(), logical_cpus=os.cpu_count(),
+        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        torch_threads=torch.get_num_threads(), platform=platform.platform(),
+        python=platform.python_version(), torch=torch.__version__, diffusers=diffusers_version(),
+        bf16_supported=bf16, loadavg_1_5_15_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        note=("other_processes_cpu_share (whole run, and per measurement) is the share of all CPUs' time "
+              "that other processes used meanwhile; busy_machine is true when it exceeds "
+              f"{BUSY_SHARE:.0%}. Then the wall-clock throughputs are lower than on a quiet machine, on a "
+              "CPU much lower (OpenMP threads that spin-wait at barriers lose their time slices), and "
+              "the targets are not judged. The load averages are kept for reference."),
+        settings=dict(threads=args.threads or "torch default", batch=args.batch, steps=args.steps,
+                      warmup=args.warmup, ddim_steps=args.ddim_steps, paired_rounds=args.paired_rounds,
+                      forward_reps=args.forward_reps, quick=args.quick),
+    )
+
+
+def print_machine_facts(meta, device, threads):
+    print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
+          f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, diffusers {meta['diffusers']}")
+    load = meta["loadavg_1_5_15_at_start"]
+    if not load:
+        return
+    cpus = os.cpu_count() or 1
+    print(f"load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+          + ("  <- the machine may be busy (the load average lags by minutes)" if load[0] > 0.5 * cpus else ""))
+    if load[0] >= cpus and device.type == "cpu" and threads == 0:
+        print("warning: more runnable processes than CPUs. OpenMP threads that spin-wait at barriers "
+              "then lose their time slices and a multi-threaded step can be many times slower than "
+              "with one thread; --threads 1 gives steadier (still contended) numbers.")
+
+
+def select_precisions(choice, bf16_supported):
+    """The precisions to measure: --precision's, or for "auto" float32 and, where native, bfloat16."""
+    if choice == "auto":
+        return ["float32"] + (["bfloat16"] if bf16_supported else [])
+    if choice == "bfloat16" and not bf16_supported:
+        raise experiment.ConfigError("--precision bfloat16 is not allowed here: this device has no native "
+                                     "bfloat16 (autocast would only measure a slow emulation)")
+    return [choice]
+
+
+def finish_machine_facts(meta, others, t_start, device):
+    """Add to `meta` how busy the machine was during the run, and the run's wall time."""
+    share = others.share()
+    meta["other_processes_cpu_share"] = share
+    meta["busy_machine"] = device.type == "cpu" and share is not None and share > BUSY_SHARE
+    meta["loadavg_1_5_15_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["wall_s"] = time.perf_counter() - t_start
+
+
+def match_models():
+    """`models` of the JSON (both parameter counts and configs) and the matched diffusers config."""
+    cfg = experiment.Config()
+    our_params = count_params(experiment.build_diffusion(cfg).model)
+    dcfg, candidates = match_diffusers_config(our_params)
+    with torch.device("meta"):
+        their_params = count_params(import_diffusers()[0](**dcfg))
+    models = dict(
+        ours=dict(params=our_params, config={k: cfg.to_dict()[k] for k in
+                                              ("dim", "dim_mults", "resnet_blocks", "attn_dim_head", "timesteps")}),
+        diffusers=dict(params=their_params, config=dict(dcfg, block_out_channels=list(dcfg["block_out_channels"])),
+                       candidates=candidates),
+        params_ours_over_diffusers=our_params / their_params,
+    )
+    print(f"\nparameters: ours {our_params:,}  diffusers UNet2DModel {their_params:,} "
+          f"(block_out_channels={dcfg['block_out_channels']}, layers_per_block={dcfg['layers_per_block']}, "
+          f"attention at 14x14 and in the 7x7 middle block)  ratio ours/theirs {our_params / their_params:.3f}")
+    return models, dcfg
+
+
+def measure_ceiling(device, precisions, quick, n=2048):
+    ceiling = matmul_ceiling(device, precisions, n=n, reps=3 if quick else 10)
+    print("\nmatmul ceiling (torch.mm %dx%d, median): %s" % (n, n, ", ".join(
+        f"{k} {v['tflop_per_s'] * 1e3:.0f} GFLOP/s" for k, v in ceiling.items())))
+    ref = ceiling.get("float32", {}).get("onednn_fp32_gemm", {})
+    if "tflop_per_s" in ref:
+        print(f"  for reference, float32 GEMM through oneDNN (as the convolutions run): "
+              f"{ref['tflop_per_s'] * 1e3:.0f} GFLOP/s"
+              + ("  <- float32 torch.mm (MKL) is well below it: its ceiling understates this machine"
+                 if ref["tflop_per_s"] > 1.3 * ceiling["float32"]["tflop_per_s"] else ""))
+    return ceiling
+
+
+def count_flops(dcfg, device, batch):
+    flops = {}
+    for name in ("ours", "diffusers"):
+        fwd, bwd = training_flops(name, dcfg, device, batch=min(batch, 8))
+        flops[name] = dict(forward_per_image=fwd, backward_per_image=bwd, train_per_image=fwd + bwd)
+    print("training FLOPs per image (fwd+bwd, matmul/conv/attention only): " + ", ".join(
+        f"{k} {v['train_per_image'] / 1e9:.3f} GFLOP" for k, v in flops.items()))
+    return flops
+
+
+# ================================================================================================
+# Phase 3: the plan, every measurement subprocess of the run
+# ================================================================================================
+
+# What each training setting is compared as: (label, diffusers `matched`, optimizer, extras).
+TRAINING_VARIANTS = (
+    ("ours", None, "AdamW fused", "clip+sched+EMA (train_step)"),
+    ("diffusers", False, "AdamW default", "none"),
+    ("diffusers-matched", True, "AdamW fused", "clip+sched+EMA"),
+)
+
+
+def plan_training(base, precisions, channels_last, compile):
+    """Worker specs of the training measurements: every model at every precision (and layout)."""
+    specs = []
+    for precision in precisions:
+        for cl in ([False, True] if channels_last else [False]):
+            for label, matched, optimizer, extras in TRAINING_VARIANTS:
+                model = dict(model="ours") if matched is None else dict(model="diffusers", matched=matched)
+                specs.append(dict(base, **model, precision=precision, channels_last=cl, label=label,
+                                  optimizer=optimizer, extras=extras))
+    if compile:
+        label, _, optimizer, extras = TRAINING_VARIANTS[0]
+        specs.append(dict(base, model="ours", precision=precisions[-1], channels_last=False, compile=True,
+                          warmup=max(base["warmup"], 2), label=label, optimizer=optimizer, extras=extras))
+    return specs
+
+
+def plan_measurements(args, device, precisions, dcfg):
+    """The run's measurements in order: sections (name, header, [(key, progress title, worker spec)])."""
+    common = dict(device=str(device), threads=args.threads)
+    base = dict(common, kind="train", batch=args.batch, steps=args.steps, warmup=args.warmup,
+                diffusers_config=dcfg)
+    training = [(None, f"{s['label']:<18} {setting_name(s['precision'], s['channels_last'], 'compile' in s):<14}", s)
+                for s in plan_training(base, precisions, args.channels_last, args.compile)]
+    paired = [(p, f"{setting_name(p):<18}",
+               dict(base, kind="paired", precision=p, channels_last=False, steps=args.paired_rounds))
+              for p in precisions]
+    sampling = [(name, f"{name:<18}",
+                 dict(common, kind="sample", model=name, batch=args.batch, reps=args.forward_reps,
+                      ddim_steps=args.ddim_steps, precisions=precisions, diffusers_config=dcfg))
+                for name in ("ours", "diffusers")]
+    profile = [(None, "profiling our training step",
+                dict(common, kind="profile", model="ours", precision=precisions[-1], batch=args.batch,
+                     warmup=1 if args.quick else 2, steps=1 if args.quick else 3, top=15))]
+
+    plan = [("training", f"\ntraining: batch {args.batch}, median of {args.steps} steps after {args.warmup} "
+                         f"warm-up steps, each setting in a fresh subprocess", training)]
+    if not args.no_paired:
+        plan.append(("paired_training", f"\npaired: ours, diffusers and diffusers-matched in one process, "
+                                        f"steps interleaved ({args.paired_rounds} rounds after {args.warmup} "
+                                        f"warm-up steps each)", paired))
+    plan.append(("sampling", f"\nsampling: batch {args.batch}; forward = median of {args.forward_reps} passes, "
+                             f"DDIM = one run of {args.ddim_steps} steps", sampling))
+    if not args.no_profile:
+        plan.append(("profile", None, profile))  # no header: its one line follows sampling's
+    return plan
+
+
+# ================================================================================================
+# Phase 4: run the plan
+# ================================================================================================
+
+def training_row(spec, res, flops, ceiling):
+    """One row of `training`: the setting, the worker's result, and the FLOP/s it achieves."""
+    row = dict(model=spec["label"],
+               setting=setting_name(spec["precision"], spec["channels_last"], spec.get("compile", False)),
+               precision=spec["precision"], channels_last=spec["channels_last"],
+               compile=spec.get("compile", False), optimizer=spec["optimizer"], extras=spec["extras"], **res)
+    if "error" in res:
+        return row
+    per_image = flops["ours" if spec["model"] == "ours" else "diffusers"]["train_per_image"]
+    flop_per_s, ceil = per_image * res["img_per_s"], ceiling[spec["precision"]]
+    row["achieved_gflop_per_s"] = flop_per_s / 1e9
+    row["fraction_of_matmul_ceiling"] = flop_per_s / (ceil["tflop_per_s"] * 1e12)
+    ref = ceil.get("onednn_fp32_gemm", {})
+    if "tflop_per_s" in ref:
+        row["fraction_of_onednn_fp32_gemm"] = flop_per_s / (ref["tflop_per_s"] * 1e12)
+    if res.get("img_per_cpu_s") and ceil["tflop_per_cpu_s"]:
+        row["fraction_of_matmul_ceiling_cpu_time"] = per_image * res["img_per_cpu_s"] / (ceil["tflop_per_cpu_s"] * 1e12)
+    return row
+
+
+# The progress line's ending for a successful measurement, per section.
+PROGRESS = {
+    "training": lambda r: f"{r['img_per_s']:7.1f} img/s  ({r['worker_wall_s']:.0f} s)",
+    "paired_training": lambda r: ", ".join(f"ours/{k} {v['median_of_round_ratios']:.2f}x"
+                                           for k, v in r["ours_over"].items()) + f"  ({r['worker_wall_s']:.0f} s)",
+    "sampling": lambda r: f"done ({r['worker_wall_s']:.0f} s)",
+    "profile": lambda r: "done",
+}
+
+
+def run_measurements(plan, results, out, timeout):
+    """Run every planned worker, fill its section of `results`, and keep a partial JSON on disk
+    (so that a run that dies or is stopped half-way still leaves what it measured)."""
+    for section, header, items in plan:
+        if header:
+            print(header)
+        for key, title, spec in items:
+            print(f"  {title} ...", end="", flush=True)
+            res = run_worker(spec, timeout=timeout)
+            if section == "training":
+                results["training"].append(training_row(spec, res, results["flops"], results["matmul_ceiling"]))
+            elif section == "profile":
+                results["profile"] = res
+            else:
+                results[section][key] = res
+            if "error" in res:
+                print(f" FAILED: {res['error']}")
+                for line in res.get("stderr_tail", []):
+                    print("      " + line)
+            else:
+                print(" " + PROGRESS[section](res))
+            write_json(results, out, partial=True)
+
+
+def write_json(results, path, partial):
+    Path(path).write_text(json.dumps(dict(results, meta=dict(results["meta"], partial=partial)), indent=2) + "\n")
+
+
+# ================================================================================================
+# Phase 5: summary (pure functions of the result rows)
+# ================================================================================================
+
+def compare(rows, key):
+    """Ratios ours/theirs of `key` (img_per_s, or img_per_cpu_s) per setting and best against best.
+
+    Returns (ratios, our best row, the best diffusers row of either kind); failed rows are ignored.
+    """
+    rows = [r for r in rows if "error" not in r and r.get(key)]
+    ratios = {}
+    for r in rows:
+        if r["model"] != "ours" or r["compile"]:
+            continue
+        for other in ("diffusers", "diffusers-matched"):
+            theirs = [o for o in rows if o["model"] == other and o["setting"] == r["setting"]]
+            if theirs:
+                ratios[f"{r['setting']} ours/{other}"] = r[key] / theirs[0][key]
+
+    def best(models):
+        return max((r for r in rows if r["model"] in models), key=lambda r: r[key], default=None)
+
+    b_ours, b_theirs, b_idiomatic = best({"ours"}), best({"diffusers", "diffusers-matched"}), best({"diffusers"})
+    if b_ours and b_theirs:
+        ratios["best ours / best diffusers (any setting)"] = b_ours[key] / b_theirs[key]
+    if b_ours and b_idiomatic:
+        ratios["best ours / best idiomatic diffusers"] = b_ours[key] / b_idiomatic[key]
+    return ratios, b_ours, b_theirs
+
+
+def summarise(training, by_cpu_time):
+    """Throughput ratios and best rows, by wall time and (on a CPU) by CPU time."""
+    ratios, best_ours, best_theirs = compare(training, "img_per_s")
+    ratios_cpu, best_ours_cpu, best_theirs_cpu = compare(training, "img_per_cpu_s") if by_cpu_time else ({}, None, None)
+    return dict(ratios=ratios, best_ours=best_ours, best_theirs=best_theirs, ratios_cpu=ratios_cpu,
+                best_ours_cpu=best_ours_cpu, best_theirs_cpu=best_theirs_cpu)
+
+
+# ================================================================================================
+# Phase 6: the targets (pure functions of the summary)
+# ================================================================================================
+
+def speedup_target(summary, paired):
+    ours, theirs = summary["best_ours"], summary["best_theirs"]
+    v = ours["img_per_s"] / theirs["img_per_s"]
+    target = dict(target=f">= {TARGETS['train_speedup_vs_diffusers']}", measured=v,
+                  met=v >= TARGETS["train_speedup_vs_diffusers"],
+                  detail=f"ours {ours['setting']} vs {theirs['model']} {theirs['setting']}")
+    paired_ok = {k: v for k, v in paired.items() if "error" not in v}
+    if paired_ok:
+        target["paired_same_precision"] = {
+            k: {o: r["median_of_round_ratios"] for o, r in v["ours_over"].items()} for k, v in paired_ok.items()}
+    if summary["best_ours_cpu"] and summary["best_theirs_cpu"]:
+        target["measured_by_cpu_time"] = (summary["best_ours_cpu"]["img_per_cpu_s"]
+                                          / summary["best_theirs_cpu"]["img_per_cpu_s"])
+    return target
+
+
+def ceiling_target(summary):
+    ours, ours_cpu = summary["best_ours"], summary["best_ours_cpu"]
+    v = ours["fraction_of_matmul_ceiling"]
+    target = dict(target=f">= {TARGETS['train_fraction_of_matmul_ceiling']}", measured=v,
+                  met=v >= TARGETS["train_fraction_of_matmul_ceiling"],
+                  detail=f"ours {ours['setting']} against the {ours['precision']} torch.mm ceiling")
+    if "fraction_of_onednn_fp32_gemm" in ours:
+        target["measured_vs_onednn_fp32_gemm"] = ours["fraction_of_onednn_fp32_gemm"]
+    if ours_cpu and ours_cpu.get("fraction_of_matmul_ceiling_cpu_time"):
+        target["measured_by_cpu_time"] = ours_cpu["fraction_of_matmul_ceiling_cpu_time"]
+    return target
+
+
+def ddim_target(ddim_s, batch, ddim_steps):
+    """`ddim_s`: our DDIM run's seconds per precision; judged only at the target's own setting."""
+    precision, v = min(ddim_s.items(), key=lambda kv: kv[1])
+    at_target_setting = ddim_steps == DDIM_TARGET_STEPS and batch == DDIM_TARGET_BATCH
+    return dict(target=f"< {TARGETS['ddim_64x50_seconds']}", measured=v,
+                met=(v < TARGETS["ddim_64x50_seconds"]) if at_target_setting else None,
+                detail=f"ours {precision}, {batch} images x {ddim_steps} steps")
+
+
+def judge_targets(summary, paired, sampling, batch, ddim_steps):
+    """Each target that the run measured: target, measured value, met (True, False, None: not judged)."""
+    targets = {}
+    if summary["best_ours"] and summary["best_theirs"]:
+        targets["train_speedup_vs_diffusers"] = speedup_target(summary, paired)
+    if summary["best_ours"]:
+        targets["train_fraction_of_matmul_ceiling"] = ceiling_target(summary)
+    ours = sampling.get("ours", {"error": "not measured"})
+    if "error" not in ours and ours["precisions"]:
+        targets["ddim_64x50_seconds"] = ddim_target({k: v["ddim_s"] for k, v in ours["precisions"].items()},
+                                                    batch, ddim_steps)
+    return targets
+
+
+def withhold_judgement(targets, quick, meta):
+    """Targets are reported but not judged on a smoke test or a busy machine."""
+    for v in targets.values():
+        if quick:  # a smoke test's numbers say nothing about the targets
+            v["met"], v["not_judged_because"] = None, "--quick"
+        elif meta["busy_machine"]:  # other processes distorted the timings: report, but do not judge
+            v["met"], v["not_judged_because"] = None, (f"busy machine (other processes used "
+                                                        f"{meta['other_processes_cpu_share']:.0%} of the CPU time)")
+
+
+CPU_TIME_NOTE = (
+    "img_per_cpu_s and *_cpu_time use the CPU seconds this process consumed (all its threads) "
+    "instead of wall seconds. On a busy machine they are much less disturbed by other processes "
+    "than wall-clock throughput, especially with --threads 1 (with more threads, OpenMP "
+    "spin-waiting also counts as CPU time). On a quiet machine, use the wall-clock numbers.")
+
+
+# ================================================================================================
+# Phase 7: the report
 # ================================================================================================
 
 def fmt(v, spec=".1f", missing="-"):
@@ -639,9 +1008,143 @@ def setting_name(precision, channels_last=False, compile=False):
     return name + ("+CL" if channels_last else "") + ("+compile" if compile else "")
 
 
+def training_table_row(r, cpu):
+    head = [r["model"], r["setting"], r["optimizer"], r["extras"]]
+    if "error" in r:
+        return head + ["FAILED"] + [""] * (7 if cpu else 4)
+    row = head + [fmt(r["img_per_s"]), fmt(r["median_step_s"] * 1e3), fmt(r["peak_mem_mib"], ".0f"),
+                  fmt(r["achieved_gflop_per_s"]), fmt(100 * r["fraction_of_matmul_ceiling"])]
+    if cpu:
+        frac, other = r.get("fraction_of_matmul_ceiling_cpu_time"), r.get("other_processes_cpu_share")
+        row += [fmt(r.get("img_per_cpu_s")), fmt(None if frac is None else 100 * frac),
+                fmt(None if other is None else 100 * other, ".0f")]
+    return row
+
+
+def print_training(results, cpu, batch):
+    training = results["training"]
+    ok = [r for r in training if "error" not in r]
+    print("\n=== training (batch %d) ===" % batch)
+    headers = ["model", "setting", "optimizer", "extras", "img/s", "step ms", "peak MiB", "GFLOP/s", "% mm ceil"]
+    print_table(headers + (["img/CPU-s", "% ceil CPU-t", "others %"] if cpu else []),
+                [training_table_row(r, cpu) for r in training])
+    print("% mm ceil: achieved FLOP/s over the torch.mm ceiling of the same precision"
+          + ("; img/CPU-s and % ceil CPU-t: the same per CPU-second consumed (steadier on a busy machine);"
+             "\nothers %: share of the CPUs' time that other processes used during that measurement"
+             if cpu else ""))
+    mem_methods = {r["mem_method"] for r in ok}
+    print("peak MiB: " + "; ".join(sorted(mem_methods)) if mem_methods else "")
+    for r in ok:
+        if r.get("compile"):
+            print(f"torch.compile: first step {r['first_step_s']:.1f} s "
+                  f"(compile time ~{r['compile_time_s_est']:.1f} s)")
+    ratios, ratios_cpu = results["training_ratios"], results.get("training_ratios_by_cpu_time", {})
+    print("\nthroughput ratios (ours / theirs, img/s)" + ("   [by CPU time]" if ratios_cpu else "") + ":")
+    for k, v in ratios.items():
+        print(f"  {k:<48} {v:5.2f}x" + (f"   [{ratios_cpu[k]:5.2f}x]" if k in ratios_cpu else ""))
+
+
+def print_paired(paired):
+    ok = {k: v for k, v in paired.items() if "error" not in v}
+    if not ok:
+        return
+    print("\npaired, steps interleaved in one process (median of per-round ratios; img/s in brackets):")
+    for precision, res in ok.items():
+        print(f"  {setting_name(precision):<6} " + ",  ".join(
+            f"ours/{k} {v['median_of_round_ratios']:.2f}x" for k, v in res["ours_over"].items())
+            + "   [" + ", ".join(f"{k} {v:.1f}" for k, v in res["img_per_s"].items()) + "]")
+
+
+def print_sampling(sampling, batch, ddim_steps):
+    print("\n=== sampling (batch %d) ===" % batch)
+    rows = []
+    for name, res in sampling.items():
+        if "error" in res:
+            rows.append([name, "", "FAILED", "", "", "", ""])
+            continue
+        for prec, v in res["precisions"].items():
+            rows.append([name, setting_name(prec), fmt(v["forward_img_per_s"]), fmt(v["forward_median_s"] * 1e3),
+                         fmt(v["forward_median_cpu_s"] * 1e3), fmt(v["ddim_s"], ".2f"), fmt(v["ddim_cpu_s"], ".2f")])
+    print_table(["model", "setting", "fwd img/s", "fwd ms", "fwd CPU ms", f"DDIM {ddim_steps} steps s",
+                 "DDIM CPU s"], rows)
+
+
+def print_profile(profile):
+    if not profile or "error" in profile:
+        return
+    print(f"\n=== profile: our training step, {setting_name(profile['precision'])}, batch {profile['batch']} "
+          f"({profile['step_s_under_profiler'] * 1e3:.0f} ms/step under the profiler) ===")
+    rows = [[r["op"][:40], "", fmt(r["self_cpu_ms_per_step"]), fmt(100 * r["self_cpu_share"]),
+             fmt(r["calls_per_step"], ".0f")] for r in profile["top_ops"][:10]]
+    print_table(["op", "", "self CPU ms/step", "% self CPU", "calls/step"], rows)
+    total = profile["total_self_cpu_ms_per_step"]
+    print("by category: " + ", ".join(f"{k} {100 * v / total:.0f}%"
+                                       for k, v in profile["self_cpu_ms_per_step_by_category"].items()))
+
+
+def print_targets(targets, meta):
+    print("\n=== targets ===")
+    for k, v in targets.items():
+        reason = v.get("not_judged_because", "not the target's settings")
+        met = {True: "MET", False: "not met"}.get(v["met"], f"not judged: {reason}")
+        cpu = f" [by CPU time {v['measured_by_cpu_time']:.3g}]" if "measured_by_cpu_time" in v else ""
+        print(f"  {k:<36} target {v['target']:<7} measured {v['measured']:.3g}{cpu}  {met}  ({v['detail']})")
+    parts, share = [], meta["other_processes_cpu_share"]
+    if share is not None:
+        parts.append(f"other processes used {share:.1%} of the CPU time during the run "
+                     + ("(busy: numbers are contended)" if meta["busy_machine"] else "(quiet enough)"))
+    load_start, load_end = meta["loadavg_1_5_15_at_start"], meta["loadavg_1_5_15_at_end"]
+    if load_start:
+        parts.append(f"load average 1 min: {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
+                     f"({meta['logical_cpus']} logical CPUs)")
+    parts.append(f"wall time {meta['wall_s']:.0f} s")
+    print("\n" + "; ".join(parts))
+
+
+def report(results, device, args):
+    print_training(results, device.type == "cpu", args.batch)
+    print_paired(results["paired_training"])
+    print_sampling(results["sampling"], args.batch, args.ddim_steps)
+    print_profile(results["profile"])
+    print_targets(results["targets"], results["meta"])
+
+
+# ================================================================================================
+# The two commands: the timing run, and --loss-curves
+# ================================================================================================
+
+def run_benchmark(args):
+    """The timing run, phase by phase; writes the JSON as it goes and once, complete, at the end."""
+    device = experiment.pick_device(args.device)  # first: a bad --device changes nothing
+    sys.stdout.reconfigure(line_buffering=True)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    meta = collect_machine_facts(args, device)
+    precisions = select_precisions(args.precision, meta["bf16_supported"])
+    others = OtherLoad()
+    print_machine_facts(meta, device, args.threads)
+    models, dcfg = match_models()
+    results = dict(meta=meta, models=models, matmul_ceiling=measure_ceiling(device, precisions, args.quick),
+                   flops=count_flops(dcfg, device, args.batch), training=[], paired_training={}, sampling={},
+                   profile=None)
+    run_measurements(plan_measurements(args, device, precisions, dcfg), results, args.out, args.worker_timeout)
+    finish_machine_facts(meta, others, t_start, device)
+    summary = summarise(results["training"], by_cpu_time=device.type == "cpu")
+    targets = judge_targets(summary, results["paired_training"], results["sampling"], args.batch, args.ddim_steps)
+    withhold_judgement(targets, args.quick, meta)
+    results.update(training_ratios=summary["ratios"], targets=targets)
+    if summary["ratios_cpu"]:
+        results.update(training_ratios_by_cpu_time=summary["ratios_cpu"], cpu_time_note=CPU_TIME_NOTE)
+    report(results, device, args)
+    write_json(results, args.out, partial=False)
+    print(f"results written to {args.out}")
+    return 0
+
+
 def loss_curves(steps, device):
     """The fast setting must not change what is learned: same run, same seed, float32 vs bfloat16."""
-    import experiment
     base = experiment.Config(steps=steps, device=device, log_every=10, checkpoint_every=steps,
                              sample_every=0, gif=False, eval_samples=0)
     if not experiment.bf16_supported(experiment.pick_device(device)):
@@ -661,386 +1164,16 @@ def loss_curves(steps, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: cuda if available, else cpu")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps before timing (default 3)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM sampling steps (default 50)")
-    p.add_argument("--forward-reps", type=int, default=10, help="timed single forward passes (default 10)")
-    p.add_argument("--channels-last", action="store_true", help="also measure the channels_last variants")
-    p.add_argument("--compile", action="store_true",
-                   help="also measure our U-Net under torch.compile (compile time + steady state)")
-    p.add_argument("--paired-rounds", type=int, default=10,
-                   help="rounds of the interleaved comparison (default 10; --quick: 2)")
-    p.add_argument("--no-paired", action="store_true",
-                   help="skip the interleaved ours-vs-diffusers comparison (robust on a busy machine)")
-    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads in every measurement (default 0: torch's own default)")
-    p.add_argument("--worker-timeout", type=int, default=900,
-                   help="seconds before one measurement subprocess is given up (default 900)")
-    p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
-    p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
-    p.add_argument("--loss-curves", type=int, metavar="STEPS",
-                   help="instead of timing: train the default Fashion-MNIST run for STEPS steps in float32 and "
-                        "in bfloat16 from the same seed and overlay their loss curves (data/precision_loss_curves.png)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    if args.loss_curves is not None:
-        if args.loss_curves < 1:
-            p.error(f"--loss-curves must be >= 1, got {args.loss_curves}")
-        return loss_curves(args.loss_curves, args.device)
-    sys.stdout.reconfigure(line_buffering=True)
-    if args.threads < 0:
-        p.error("--threads must be >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("steps", "batch", "ddim_steps", "forward_reps", "paired_rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
-    if args.quick:
-        args.steps, args.warmup, args.ddim_steps, args.forward_reps, args.paired_rounds = 2, 1, 3, 2, 2
-
-    import experiment
-    warnings.filterwarnings("ignore")
-    t_start = time.perf_counter()
-    device = pick_device(args.device)
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    others = OtherLoad()
-    bf16 = experiment.bf16_supported(device)
-    precisions = ["float32"] + (["bfloat16"] if bf16 else [])
-    meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        cpu_model=cpu_model(), cpu_flags=cpu_flags(), logical_cpus=os.cpu_count(),
-        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        torch_threads=torch.get_num_threads(), platform=platform.platform(),
-        python=platform.python_version(), torch=torch.__version__, diffusers=diffusers_version(),
-        bf16_supported=bf16, loadavg_1_5_15_at_start=load_start,
-        note=("other_processes_cpu_share (whole run, and per measurement) is the share of all CPUs' time "
-              "that other processes used meanwhile; busy_machine is true when it exceeds "
-              f"{BUSY_SHARE:.0%}. Then the wall-clock throughputs are lower than on a quiet machine, on a "
-              "CPU much lower (OpenMP threads that spin-wait at barriers lose their time slices), and "
-              "the targets are not judged. The load averages are kept for reference."),
-        settings=dict(threads=args.threads or "torch default", batch=args.batch, steps=args.steps,
-                      warmup=args.warmup, ddim_steps=args.ddim_steps, paired_rounds=args.paired_rounds,
-                      forward_reps=args.forward_reps, quick=args.quick),
-    )
-    print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
-          f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, diffusers {meta['diffusers']}")
-    if load_start:
-        print(f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
-              f"{load_start[2]:.2f}" + ("  <- the machine may be busy (the load average lags by minutes)"
-                                        if load_start[0] > 0.5 * (os.cpu_count() or 1) else ""))
-        if load_start[0] >= (os.cpu_count() or 1) and device.type == "cpu" and args.threads == 0:
-            print("warning: more runnable processes than CPUs. OpenMP threads that spin-wait at barriers "
-                  "then lose their time slices and a multi-threaded step can be many times slower than "
-                  "with one thread; --threads 1 gives steadier (still contended) numbers.")
-
-    # ---- models and parameter matching ----
-    cfg = experiment.Config()
-    our_params = count_params(experiment.build_diffusion(cfg).model)
-    dcfg, candidates = match_diffusers_config(our_params)
-    with torch.device("meta"):
-        their_params = count_params(import_diffusers()[0](**dcfg))
-    models = dict(
-        ours=dict(params=our_params, config={k: cfg.to_dict()[k] for k in
-                                              ("dim", "dim_mults", "resnet_blocks", "attn_dim_head", "timesteps")}),
-        diffusers=dict(params=their_params, config=dict(dcfg, block_out_channels=list(dcfg["block_out_channels"])),
-                       candidates=candidates),
-        params_ours_over_diffusers=our_params / their_params,
-    )
-    print(f"\nparameters: ours {our_params:,}  diffusers UNet2DModel {their_params:,} "
-          f"(block_out_channels={dcfg['block_out_channels']}, layers_per_block={dcfg['layers_per_block']}, "
-          f"attention at 14x14 and in the 7x7 middle block)  ratio ours/theirs {our_params / their_params:.3f}")
-
-    # ---- the matrix-multiply ceiling and FLOP counts ----
-    mm_n = 2048
-    ceiling = matmul_ceiling(device, precisions, n=mm_n, reps=3 if args.quick else 10)
-    print("\nmatmul ceiling (torch.mm %dx%d, median): %s" % (mm_n, mm_n, ", ".join(
-        f"{k} {v['tflop_per_s'] * 1e3:.0f} GFLOP/s" for k, v in ceiling.items())))
-    ref = ceiling["float32"].get("onednn_fp32_gemm", {})
-    if "tflop_per_s" in ref:
-        print(f"  for reference, float32 GEMM through oneDNN (as the convolutions run): "
-              f"{ref['tflop_per_s'] * 1e3:.0f} GFLOP/s"
-              + ("  <- float32 torch.mm (MKL) is well below it: its ceiling understates this machine"
-                 if ref["tflop_per_s"] > 1.3 * ceiling["float32"]["tflop_per_s"] else ""))
-    flops = {}
-    for name in ("ours", "diffusers"):
-        fwd, bwd = training_flops(name, dcfg, device, batch=min(args.batch, 8))
-        flops[name] = dict(forward_per_image=fwd, backward_per_image=bwd, train_per_image=fwd + bwd)
-    print("training FLOPs per image (fwd+bwd, matmul/conv/attention only): " + ", ".join(
-        f"{k} {v['train_per_image'] / 1e9:.3f} GFLOP" for k, v in flops.items()))
-
-    # ---- training ----
-    base = dict(kind="train", device=str(device), threads=args.threads, batch=args.batch, steps=args.steps,
-                warmup=args.warmup, diffusers_config=dcfg)
-    layouts = [False, True] if args.channels_last else [False]
-    plan = []
-    for precision in precisions:
-        for cl in layouts:
-            plan.append(dict(base, model="ours", precision=precision, channels_last=cl,
-                             label="ours", optimizer="AdamW fused", extras="clip+sched+EMA (train_step)"))
-            plan.append(dict(base, model="diffusers", precision=precision, channels_last=cl, matched=False,
-                             label="diffusers", optimizer="AdamW default", extras="none"))
-            plan.append(dict(base, model="diffusers", precision=precision, channels_last=cl, matched=True,
-                             label="diffusers-matched", optimizer="AdamW fused", extras="clip+sched+EMA"))
-    if args.compile:
-        best_precision = precisions[-1]
-        plan.append(dict(base, model="ours", precision=best_precision, channels_last=False, compile=True,
-                         warmup=max(args.warmup, 2), label="ours", optimizer="AdamW fused",
-                         extras="clip+sched+EMA (train_step)"))
-    training, sampling, profile, paired = [], {}, None, {}
-
-    def save(partial):
-        results = dict(meta=dict(meta, partial=partial), models=models, matmul_ceiling=ceiling, flops=flops,
-                       training=training, paired_training=paired, sampling=sampling, profile=profile)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        return results
-
-    print(f"\ntraining: batch {args.batch}, median of {args.steps} steps after {args.warmup} warm-up steps, "
-          f"each setting in a fresh subprocess")
-    for spec in plan:
-        setting = setting_name(spec["precision"], spec["channels_last"], spec.get("compile", False))
-        print(f"  {spec['label']:<18} {setting:<14} ...", end="", flush=True)
-        res = run_worker(spec, timeout=args.worker_timeout)
-        row = dict(model=spec["label"], setting=setting, precision=spec["precision"],
-                   channels_last=spec["channels_last"], compile=spec.get("compile", False),
-                   optimizer=spec["optimizer"], extras=spec["extras"], **res)
-        if "error" not in res:
-            fl = flops["ours" if spec["model"] == "ours" else "diffusers"]["train_per_image"]
-            row["achieved_gflop_per_s"] = fl * res["img_per_s"] / 1e9
-            ceil = ceiling[spec["precision"]]["tflop_per_s"] * 1e12
-            row["fraction_of_matmul_ceiling"] = fl * res["img_per_s"] / ceil
-            ref = ceiling[spec["precision"]].get("onednn_fp32_gemm", {})
-            if "tflop_per_s" in ref:
-                row["fraction_of_onednn_fp32_gemm"] = fl * res["img_per_s"] / (ref["tflop_per_s"] * 1e12)
-            ceil_cpu = ceiling[spec["precision"]]["tflop_per_cpu_s"]
-            if res.get("img_per_cpu_s") and ceil_cpu:
-                row["fraction_of_matmul_ceiling_cpu_time"] = fl * res["img_per_cpu_s"] / (ceil_cpu * 1e12)
-            print(f" {res['img_per_s']:7.1f} img/s  ({res['worker_wall_s']:.0f} s)")
-        else:
-            print(f" FAILED: {res['error']}")
-            for line in res.get("stderr_tail", []):
-                print("      " + line)
-        training.append(row)
-        save(partial=True)
-
-    # ---- sampling ----
-    if not args.no_paired:
-        print(f"\npaired: ours, diffusers and diffusers-matched in one process, steps interleaved "
-              f"({args.paired_rounds} rounds after {args.warmup} warm-up steps each)")
-        for precision in precisions:
-            print(f"  {setting_name(precision):<18} ...", end="", flush=True)
-            res = run_worker(dict(base, kind="paired", precision=precision, channels_last=False,
-                                  steps=args.paired_rounds),
-                             timeout=args.worker_timeout)
-            paired[precision] = res
-            if "error" in res:
-                print(f" FAILED: {res['error']}")
-            else:
-                print(" " + ", ".join(f"ours/{k} {v['median_of_round_ratios']:.2f}x"
-                                      for k, v in res["ours_over"].items()) + f"  ({res['worker_wall_s']:.0f} s)")
-            save(partial=True)
-
-    print(f"\nsampling: batch {args.batch}; forward = median of {args.forward_reps} passes, "
-          f"DDIM = one run of {args.ddim_steps} steps")
-    for name in ("ours", "diffusers"):
-        print(f"  {name:<18} ...", end="", flush=True)
-        res = run_worker(dict(kind="sample", device=str(device), threads=args.threads, model=name,
-                              batch=args.batch, reps=args.forward_reps, ddim_steps=args.ddim_steps,
-                              precisions=precisions, diffusers_config=dcfg), timeout=args.worker_timeout)
-        sampling[name] = res
-        save(partial=True)
-        print(f" done ({res['worker_wall_s']:.0f} s)" if "error" not in res else f" FAILED: {res['error']}")
-
-    # ---- profile ----
-    if not args.no_profile:
-        print("  profiling our training step ...", end="", flush=True)
-        profile = run_worker(dict(kind="profile", device=str(device), threads=args.threads, model="ours",
-                                  precision=precisions[-1], batch=args.batch, warmup=1 if args.quick else 2,
-                                  steps=1 if args.quick else 3, top=15), timeout=args.worker_timeout)
-        print(" done" if "error" not in profile else f" FAILED: {profile['error']}")
-
-    # ---- summary ----
-    ok = [r for r in training if "error" not in r]
-
-    def compare(key):
-        """Ratios ours/theirs of `key` (img_per_s, or img_per_cpu_s) per setting and best against best."""
-        rows = [r for r in ok if r.get(key)]
-        ratios = {}
-        for r in rows:
-            if r["model"] != "ours" or r["compile"]:
-                continue
-            for other in ("diffusers", "diffusers-matched"):
-                theirs = [o for o in rows if o["model"] == other and o["setting"] == r["setting"]]
-                if theirs:
-                    ratios[f"{r['setting']} ours/{other}"] = r[key] / theirs[0][key]
-        best = lambda models: max((r for r in rows if r["model"] in models), key=lambda r: r[key], default=None)
-        b_ours, b_theirs = best({"ours"}), best({"diffusers", "diffusers-matched"})
-        b_idiomatic = best({"diffusers"})
-        if b_ours and b_theirs:
-            ratios["best ours / best diffusers (any setting)"] = b_ours[key] / b_theirs[key]
-        if b_ours and b_idiomatic:
-            ratios["best ours / best idiomatic diffusers"] = b_ours[key] / b_idiomatic[key]
-        return ratios, b_ours, b_theirs
-
-    ratios, best_ours, best_theirs = compare("img_per_s")
-    ratios_cpu, best_ours_cpu, best_theirs_cpu = compare("img_per_cpu_s") if device.type == "cpu" else ({}, None, None)
-
-    ddim_ours = {}
-    if "error" not in sampling.get("ours", {"error": 1}):
-        ddim_ours = {k: v["ddim_s"] for k, v in sampling["ours"]["precisions"].items()}
-    targets = {}
-    if best_ours and best_theirs:
-        v = best_ours["img_per_s"] / best_theirs["img_per_s"]
-        targets["train_speedup_vs_diffusers"] = dict(
-            target=f">= {TARGETS['train_speedup_vs_diffusers']}", measured=v,
-            met=v >= TARGETS["train_speedup_vs_diffusers"],
-            detail=f"ours {best_ours['setting']} vs {best_theirs['model']} {best_theirs['setting']}")
-        paired_ok = {k: v for k, v in paired.items() if "error" not in v}
-        if paired_ok:
-            targets["train_speedup_vs_diffusers"]["paired_same_precision"] = {
-                k: {o: r["median_of_round_ratios"] for o, r in v["ours_over"].items()} for k, v in paired_ok.items()}
-        if best_ours_cpu and best_theirs_cpu:
-            targets["train_speedup_vs_diffusers"]["measured_by_cpu_time"] = (
-                best_ours_cpu["img_per_cpu_s"] / best_theirs_cpu["img_per_cpu_s"])
-    if best_ours:
-        v = best_ours["fraction_of_matmul_ceiling"]
-        targets["train_fraction_of_matmul_ceiling"] = dict(
-            target=f">= {TARGETS['train_fraction_of_matmul_ceiling']}", measured=v,
-            met=v >= TARGETS["train_fraction_of_matmul_ceiling"],
-            detail=f"ours {best_ours['setting']} against the {best_ours['precision']} torch.mm ceiling")
-        if "fraction_of_onednn_fp32_gemm" in best_ours:
-            targets["train_fraction_of_matmul_ceiling"]["measured_vs_onednn_fp32_gemm"] = (
-                best_ours["fraction_of_onednn_fp32_gemm"])
-        if best_ours_cpu and best_ours_cpu.get("fraction_of_matmul_ceiling_cpu_time"):
-            targets["train_fraction_of_matmul_ceiling"]["measured_by_cpu_time"] = (
-                best_ours_cpu["fraction_of_matmul_ceiling_cpu_time"])
-    if ddim_ours:
-        prec, v = min(ddim_ours.items(), key=lambda kv: kv[1])
-        targets["ddim_64x50_seconds"] = dict(
-            target=f"< {TARGETS['ddim_64x50_seconds']}", measured=v,
-            met=(v < TARGETS["ddim_64x50_seconds"]) if (args.ddim_steps == 50 and args.batch == 64) else None,
-            detail=f"ours {prec}, {args.batch} images x {args.ddim_steps} steps")
-
-    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
-    share = others.share()
-    meta["other_processes_cpu_share"] = share
-    busy = device.type == "cpu" and share is not None and share > BUSY_SHARE
-    meta["busy_machine"] = busy
-    for v in targets.values():
-        if args.quick:  # a smoke test's numbers say nothing about the targets
-            v["met"], v["not_judged_because"] = None, "--quick"
-        elif busy:  # other processes distorted the timings: report, but do not judge
-            v["met"], v["not_judged_because"] = None, (f"busy machine (other processes used "
-                                                        f"{share:.0%} of the CPU time)")
-    meta["loadavg_1_5_15_at_end"] = load_end
-    meta["wall_s"] = time.perf_counter() - t_start
-    results = save(partial=False)
-    results.update(training_ratios=ratios, targets=targets)
-    if ratios_cpu:
-        results["training_ratios_by_cpu_time"] = ratios_cpu
-        results["cpu_time_note"] = (
-            "img_per_cpu_s and *_cpu_time use the CPU seconds this process consumed (all its threads) "
-            "instead of wall seconds. On a busy machine they are much less disturbed by other processes "
-            "than wall-clock throughput, especially with --threads 1 (with more threads, OpenMP "
-            "spin-waiting also counts as CPU time). On a quiet machine, use the wall-clock numbers.")
-
-    # ---- print ----
-    print("\n=== training (batch %d) ===" % args.batch)
-    rows = []
-    for r in training:
-        if "error" in r:
-            rows.append([r["model"], r["setting"], r["optimizer"], r["extras"], "FAILED", "", "", "", ""])
-            continue
-        row = [r["model"], r["setting"], r["optimizer"], r["extras"], fmt(r["img_per_s"]),
-               fmt(r["median_step_s"] * 1e3), fmt(r["peak_mem_mib"], ".0f"),
-               fmt(r["achieved_gflop_per_s"]), fmt(100 * r["fraction_of_matmul_ceiling"])]
-        if device.type == "cpu":
-            frac = r.get("fraction_of_matmul_ceiling_cpu_time")
-            other = r.get("other_processes_cpu_share")
-            row += [fmt(r.get("img_per_cpu_s")), fmt(None if frac is None else 100 * frac),
-                    fmt(None if other is None else 100 * other, ".0f")]
-        rows.append(row)
-    headers = ["model", "setting", "optimizer", "extras", "img/s", "step ms", "peak MiB", "GFLOP/s", "% mm ceil"]
-    if device.type == "cpu":
-        headers += ["img/CPU-s", "% ceil CPU-t", "others %"]
-    print_table(headers, rows)
-    print("% mm ceil: achieved FLOP/s over the torch.mm ceiling of the same precision"
-          + ("; img/CPU-s and % ceil CPU-t: the same per CPU-second consumed (steadier on a busy machine);"
-             "\nothers %: share of the CPUs' time that other processes used during that measurement"
-             if device.type == "cpu" else ""))
-    mem_methods = {r["mem_method"] for r in ok}
-    print("peak MiB: " + "; ".join(sorted(mem_methods)) if mem_methods else "")
-    for r in ok:
-        if r.get("compile"):
-            print(f"torch.compile: first step {r['first_step_s']:.1f} s "
-                  f"(compile time ~{r['compile_time_s_est']:.1f} s)")
-    print("\nthroughput ratios (ours / theirs, img/s)" + ("   [by CPU time]" if ratios_cpu else "") + ":")
-    for k, v in ratios.items():
-        print(f"  {k:<48} {v:5.2f}x" + (f"   [{ratios_cpu[k]:5.2f}x]" if k in ratios_cpu else ""))
-
-    if any("error" not in v for v in paired.values()):
-        print("\npaired, steps interleaved in one process (median of per-round ratios; img/s in brackets):")
-        for precision, res in paired.items():
-            if "error" in res:
-                continue
-            ips = res["img_per_s"]
-            print(f"  {setting_name(precision):<6} " + ",  ".join(
-                f"ours/{k} {v['median_of_round_ratios']:.2f}x" for k, v in res["ours_over"].items())
-                + "   [" + ", ".join(f"{k} {v:.1f}" for k, v in ips.items()) + "]")
-
-    print("\n=== sampling (batch %d) ===" % args.batch)
-    rows = []
-    for name, res in sampling.items():
-        if "error" in res:
-            rows.append([name, "", "FAILED", "", "", "", ""])
-            continue
-        for prec, v in res["precisions"].items():
-            rows.append([name, setting_name(prec), fmt(v["forward_img_per_s"]), fmt(v["forward_median_s"] * 1e3),
-                         fmt(v["forward_median_cpu_s"] * 1e3), fmt(v["ddim_s"], ".2f"), fmt(v["ddim_cpu_s"], ".2f")])
-    print_table(["model", "setting", "fwd img/s", "fwd ms", "fwd CPU ms", f"DDIM {args.ddim_steps} steps s",
-                 "DDIM CPU s"], rows)
-
-    if profile and "error" not in profile:
-        print(f"\n=== profile: our training step, {setting_name(profile['precision'])}, batch {profile['batch']} "
-              f"({profile['step_s_under_profiler'] * 1e3:.0f} ms/step under the profiler) ===")
-        rows = [[r["op"][:40], "", fmt(r["self_cpu_ms_per_step"]), fmt(100 * r["self_cpu_share"]),
-                 fmt(r["calls_per_step"], ".0f")] for r in profile["top_ops"][:10]]
-        print_table(["op", "", "self CPU ms/step", "% self CPU", "calls/step"], rows)
-        total = profile["total_self_cpu_ms_per_step"]
-        print("by category: " + ", ".join(f"{k} {100 * v / total:.0f}%"
-                                           for k, v in profile["self_cpu_ms_per_step_by_category"].items()))
-
-    print("\n=== targets ===")
-    for k, v in targets.items():
-        reason = v.get("not_judged_because", "not the target's settings")
-        met = {True: "MET", False: "not met"}.get(v["met"], f"not judged: {reason}")
-        cpu = f" [by CPU time {v['measured_by_cpu_time']:.3g}]" if "measured_by_cpu_time" in v else ""
-        print(f"  {k:<36} target {v['target']:<7} measured {v['measured']:.3g}{cpu}  {met}  ({v['detail']})")
-    parts = []
-    if share is not None:
-        parts.append(f"other processes used {share:.1%} of the CPU time during the run "
-                     + ("(busy: numbers are contended)" if busy else "(quiet enough)"))
-    if load_start:
-        parts.append(f"load average 1 min: {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
-                     f"({meta['logical_cpus']} logical CPUs)")
-    parts.append(f"wall time {meta['wall_s']:.0f} s")
-    print("\n" + "; ".join(parts))
-
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.out}")
-    return 0
+    try:
+        if args.loss_curves is not None:
+            return loss_curves(args.loss_curves, args.device)
+        return run_benchmark(args)
+    except experiment.ConfigError as e:  # e.g. --device cuda on a machine without CUDA
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

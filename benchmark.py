@@ -56,9 +56,9 @@ import experiment
 
 REPO_DIR = Path(__file__).resolve().parent
 RESULT_TAG = "@@BENCHMARK_RESULT "
-# (channels, height, width): the MNIST / Fashion-MNIST images experiment.build_diffusion's U-Net is
-# built for. Everything below that needs an image size takes it from here.
-IMAGE_SHAPE = (1, 28, 28)
+# (channels, height, width) of the default config's dataset, which experiment.build_diffusion's
+# U-Net is built for. Everything below that needs an image size takes it from here.
+IMAGE_SHAPE = experiment.data.IMAGE_SHAPE[experiment.Config().dataset]
 
 BUSY_SHARE = 0.10  # other processes' share of the CPUs above which a CPU run counts as contended
 

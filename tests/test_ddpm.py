@@ -907,3 +907,18 @@ def test_implicit_ddim_rejects_variance():
 def test_ddim_rejects_negative_eta():
     with pytest.raises(ValueError, match="eta must be >= 0, got -0.5"):
         make_diffusion(T=10).sample(2, sampling_steps=5, sampler="ddim", eta=-0.5, progress=False)
+
+
+# ---------------------------------------------------------------- memory
+
+@pytest.mark.skipif(not DDPM.MALLOC_TUNED, reason="the C library is not glibc: nothing to tune")
+def test_importing_ddpm_serves_large_tensors_from_the_reusable_heap():
+    """glibc's defaults map every block above 32 MiB afresh (and unmap it on free, so its pages
+    fault in again on the next step); after `import DDPM` a 64 MiB tensor lives in the heap,
+    whose freed memory is kept for reuse."""
+    block = torch.empty(64 << 20, dtype=torch.uint8)
+    address = block.data_ptr()
+    with open("/proc/self/maps") as maps:
+        regions = [line.split() for line in maps]
+    region = next(r for r in regions if int(r[0].split("-")[0], 16) <= address < int(r[0].split("-")[1], 16))
+    assert region[5:] == ["[heap]"], region

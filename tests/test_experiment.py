@@ -708,3 +708,23 @@ def test_time_budget_recorded_in_the_run_keeps_a_killed_run_bit_identical(tmp_pa
     x, y = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "killed")
     assert x["step"] == y["step"] == 12
     assert_same_tensors(x["model"], y["model"])
+
+
+def test_config_of_an_older_run_without_the_sampler_fields_loads_with_the_defaults(tmp_path):
+    old = {k: v for k, v in tiny_config(tmp_path / "run").to_dict().items() if k not in ("sampler", "minutes", "ema_power")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = Config.load(tmp_path / "config.json")
+    assert (cfg.sampler, cfg.minutes, cfg.ema_power) == (Config.sampler, None, 0.0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sampler", "euler", "config.sampler='euler' is not allowed: expected one of ('ddpm', 'ddim'"),
+    ("sample_eta", 0.5, "eta is DDIM's"),
+    ("eval_steps", 20, "the ddpm sampler takes every timestep"),
+])
+def test_config_rejects_sampler_settings_that_do_not_fit(field, value, message):
+    sampler = "ddpm" if field == "eval_steps" else "dpm++2m"
+    changes = {"sampler": sampler, "sample_steps": 50, "eval_steps": 50, field: value}
+    with pytest.raises(ConfigError) as err:
+        tiny_config("unused", **changes)
+    assert message in str(err.value)

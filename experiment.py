@@ -62,6 +62,7 @@ class Config:
     timesteps: int = 1000
     beta_schedule: str = "linear"
     objective: str = "pred_noise"
+    min_snr_gamma: float = None          # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 (None = off)
     # optimisation
     batch_size: int = 128                # global batch, split across processes under torchrun
     lr: float = 1e-3
@@ -105,7 +106,7 @@ class Config:
         "sampler": DDPM.GaussianDiffusion.SAMPLERS,
     }
 
-    OPTIONAL = ("minutes",)  # fields that may be None (off)
+    OPTIONAL = ("minutes", "min_snr_gamma")  # fields that may be None (off)
 
     def validate(self):
         """Reject invalid values before any work starts."""
@@ -166,6 +167,8 @@ class Config:
             self._fail("weight_decay" if self.weight_decay < 0 else "grad_clip", "expected a number >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             self._fail("ema_decay", "expected a number in [0, 1)")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            self._fail("min_snr_gamma", "expected a number > 0 (leave it out for the unweighted loss)")
         if self.ema_power < 0:
             self._fail("ema_power", "expected a number >= 0 (0 = the fixed ema_decay)")
 
@@ -226,7 +229,7 @@ def build_diffusion(cfg):
                      resnet_blocks=cfg.resnet_blocks, attn_dim_head=cfg.attn_dim_head)
     return DDPM.GaussianDiffusion(unet, image_size=(height, width), channels=channels,
                                   timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule,
-                                  objective=cfg.objective)
+                                  objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma)
 
 
 def sampler_kwargs(cfg, sampler=None, eta=None):

@@ -922,3 +922,51 @@ def test_importing_ddpm_serves_large_tensors_from_the_reusable_heap():
         regions = [line.split() for line in maps]
     region = next(r for r in regions if int(r[0].split("-")[0], 16) <= address < int(r[0].split("-")[1], 16))
     assert region[5:] == ["[heap]"], region
+
+
+# ---------------------------------------------------------------- min-SNR-gamma loss weighting
+
+def outputs_with_x0_error(objective, x0, eps, t, delta, T=100):
+    """What a network of each objective outputs when its implied x_0 is off by `delta`."""
+    ab = alpha_bar(linear_beta_schedule(T))[t].float().reshape(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    x0_hat = x0 + delta
+    eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    return {"pred_noise": eps_hat, "pred_x0": x0_hat, "pred_v": ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat}[objective]
+
+
+@pytest.mark.parametrize("objective", ["pred_noise", "pred_x0", "pred_v"])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_follow_their_closed_form(objective, gamma):
+    d = make_diffusion(T=100, objective=objective, min_snr_gamma=gamma)
+    t = torch.arange(100)
+    snr = alpha_bar(linear_beta_schedule(100)).float() / (1 - alpha_bar(linear_beta_schedule(100)).float())
+    expected = {"pred_noise": snr.clamp(max=gamma) / snr, "pred_x0": snr.clamp(max=gamma),
+                "pred_v": snr.clamp(max=gamma) / (snr + 1)}[objective]
+    assert torch.allclose(d.loss_weight(t), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_min_snr_gives_every_objective_the_same_loss_for_the_same_x0_error(gamma):
+    """Weighted by min-SNR-gamma, an x_0 error costs min(SNR, gamma) |error|^2 whatever the
+    network predicts; unweighted, the objectives differ by the factors SNR and SNR + 1."""
+    torch.manual_seed(0)
+    img, eps = torch.rand(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    t, delta = torch.tensor([0, 10, 40, 60, 80, 99]), 0.1 * torch.randn(6, 1, 4, 4)
+    losses = {}
+    for objective in ("pred_noise", "pred_x0", "pred_v"):
+        d = make_diffusion(T=100, objective=objective, min_snr_gamma=gamma)
+        d.model = Replay(outputs_with_x0_error(objective, img * 2 - 1, eps, t, delta))
+        losses[objective] = d(img, t=t, noise=eps).item()
+    if gamma is None:
+        assert losses["pred_noise"] > 10 * losses["pred_x0"]  # small t has a huge SNR
+    else:
+        ab = alpha_bar(linear_beta_schedule(100))[t].float()
+        expected = ((ab / (1 - ab)).clamp(max=gamma) * delta.pow(2).flatten(1).mean(1)).mean().item()
+        for objective, loss in losses.items():
+            assert loss == pytest.approx(expected, rel=1e-3), objective
+
+
+def test_min_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="min_snr_gamma must be None"):
+        make_diffusion(min_snr_gamma=0)

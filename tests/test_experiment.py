@@ -67,6 +67,8 @@ def assert_same_tensors(a, b):
     ("dim_mults", [1, 2, 4, 8], r"config.dim_mults=\(1, 2, 4, 8\) is not allowed: 28x28 images can be halved at most twice"),
     ("sample_steps", 5000, r"config.sample_steps=5000 is not allowed: expected an integer in 1..timesteps \(50\)"),
     ("dim", 12, r"config.dim=12 is not allowed: expected a multiple of 8"),
+    ("min_snr_gamma", 0, r"config.min_snr_gamma=0 is not allowed: expected a number > 0"),
+    ("minutes", -2.0, r"config.minutes=-2.0 is not allowed: expected a number of minutes > 0"),
 ])
 def test_config_rejects_invalid_values_naming_field_value_and_allowed(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -711,10 +713,16 @@ def test_time_budget_recorded_in_the_run_keeps_a_killed_run_bit_identical(tmp_pa
 
 
 def test_config_of_an_older_run_without_the_sampler_fields_loads_with_the_defaults(tmp_path):
-    old = {k: v for k, v in tiny_config(tmp_path / "run").to_dict().items() if k not in ("sampler", "minutes", "ema_power")}
+    new_fields = ("sampler", "minutes", "ema_power", "min_snr_gamma")
+    old = {k: v for k, v in tiny_config(tmp_path / "run").to_dict().items() if k not in new_fields}
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = Config.load(tmp_path / "config.json")
     assert (cfg.sampler, cfg.minutes, cfg.ema_power) == (Config.sampler, None, 0.0)
+
+
+def test_min_snr_gamma_reaches_the_diffusion_the_config_builds(tmp_path):
+    assert experiment.build_diffusion(tiny_config(tmp_path, min_snr_gamma=5.0)).min_snr_gamma == 5.0
+    assert experiment.build_diffusion(tiny_config(tmp_path)).min_snr_gamma is None
 
 
 @pytest.mark.parametrize("field,value,message", [

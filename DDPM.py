@@ -240,6 +240,14 @@ class Upsample(nn.Module):
 class Unet(nn.Module):
     """The noise-prediction network: a U-Net conditioned on the timestep.
 
+    With num_classes set it is also conditioned on a class label (the class-conditional model of
+    conditional_diffusion.ipynb): a learned embedding of the label is added to the time embedding.
+    The embedding has one extra row, index num_classes, for "no label", which starts at zero: with
+    no label the network computes exactly what the unconditional one with the same weights does.
+    The class rows start as small random vectors (norm about 1), distinct from the first step, so
+    the network can tell the classes apart at once (from zero they would all get nearly the same
+    updates and separate slowly).
+
     Level i works at resolution image_size / 2**i with dim * dim_mults[i] channels. Each level
     of the down path has `resnet_blocks` ResNet blocks and a linear attention; the bottleneck
     has full multi-head attention between two ResNet blocks; the up path mirrors the down path
@@ -257,6 +265,7 @@ class Unet(nn.Module):
         resnet_block_groups=8,
         attn_heads=4,
         attn_dim_head=32,
+        num_classes=None,
     ):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
@@ -265,7 +274,11 @@ class Unet(nn.Module):
             raise ValueError(f"dim_mults must be a non-empty sequence of positive integers, got {dim_mults!r}")
         if not isinstance(resnet_blocks, int) or resnet_blocks < 1:
             raise ValueError(f"resnet_blocks must be an integer >= 1, got {resnet_blocks!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be None (unconditional) or an integer >= 1, got {num_classes!r}")
         self.channels = channels
+        self.num_classes = num_classes
         self.downsample_factor = 2 ** (len(dim_mults) - 1)
         init_dim = init_dim or dim
         dims = [init_dim, *(dim * m for m in dim_mults)]
@@ -282,6 +295,9 @@ class Unet(nn.Module):
         self.time_mlp = nn.Sequential(
             SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
         )
+
+        if num_classes is not None:
+            self.class_emb = nn.Embedding.from_pretrained(torch.zeros(num_classes + 1, time_dim), freeze=False)
 
         def resnet(d_in, d_out):
             return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, groups=resnet_block_groups)
@@ -314,8 +330,13 @@ class Unet(nn.Module):
 
         self.final_res_block = resnet(init_dim * 2, init_dim)
         self.final_conv = nn.Conv2d(init_dim, out_dim or channels, 1)
+        if num_classes is not None:  # drawn last, so every other layer starts as in an unconditional U-Net
+            with torch.no_grad():
+                self.class_emb.weight[:num_classes] = torch.randn(num_classes, time_dim) / math.sqrt(time_dim)
 
-    def forward(self, x, time):
+    def forward(self, x, time, labels=None):
+        """x: (B, channels, H, W); time: (B,) timesteps; labels: (B,) int64 in 0..num_classes
+        (num_classes = "no label"; None = all "no label"), only for a class-conditional U-Net."""
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected input of shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
         h_img, w_img = x.shape[-2:]
@@ -328,6 +349,12 @@ class Unet(nn.Module):
         x = self.init_conv(x)
         r = x
         t = self.time_mlp(time)
+        if self.num_classes is not None:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            t = t + self.class_emb(labels)
+        elif labels is not None:
+            raise ValueError("labels were given to an unconditional U-Net (num_classes=None)")
 
         skips = []
         for blocks, attn, downsample in self.downs:
@@ -432,6 +459,11 @@ class GaussianDiffusion(nn.Module):
     "pred_noise" (epsilon, the DDPM paper), "pred_x0" (the clean image) or
     "pred_v" (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho 2022).
     Images enter `forward` and leave `sample` in [0, 1]; inside, the model works in [-1, 1].
+
+    A class-conditional model (a U-Net with `num_classes`, called as model(x_t, t, labels)) trains
+    on labels of which a share `cond_drop_prob` is replaced by "no label", so one network learns
+    the conditional and the unconditional model; `sample(labels=..., guidance_scale=w)` then
+    applies classifier-free guidance (Ho & Salimans 2022).
     """
 
     OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
@@ -456,6 +488,7 @@ class GaussianDiffusion(nn.Module):
         schedule_kwargs=None,
         betas=None,
         min_snr_gamma=None,
+        cond_drop_prob=0.1,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -503,6 +536,10 @@ class GaussianDiffusion(nn.Module):
         if min_snr_gamma is not None and not float(min_snr_gamma) > 0:
             raise ValueError(f"min_snr_gamma must be None (off) or a number > 0, got {min_snr_gamma!r}")
         self.min_snr_gamma = min_snr_gamma
+        self.num_classes = getattr(model, "num_classes", None)
+        if not (isinstance(cond_drop_prob, (int, float)) and 0 <= cond_drop_prob < 1):
+            raise ValueError(f"cond_drop_prob must be a number in [0, 1), got {cond_drop_prob!r}")
+        self.cond_drop_prob = cond_drop_prob
 
         # Everything derived from the betas is computed in float64, then stored as float32.
         alphas = 1.0 - betas
@@ -613,11 +650,14 @@ class GaussianDiffusion(nn.Module):
         clipped = snr.clamp(max=self.min_snr_gamma)
         return {"pred_noise": clipped / snr, "pred_x0": clipped, "pred_v": clipped / (snr + 1)}[self.objective]
 
-    def forward(self, img, t=None, noise=None):
+    def forward(self, img, t=None, noise=None, labels=None, drop=None):
         """The simple loss (DDPM eq. 14): MSE between the network's output and its target, per image
         weighted by `loss_weight` (all ones unless min_snr_gamma is set).
 
         t and noise are drawn here unless given (experiment.py draws them to split a global batch).
+        For a class-conditional model, `labels` (B,) are the images' classes, each replaced by
+        "no label" where the boolean mask `drop` is set (drawn with probability cond_drop_prob
+        unless given); labels=None trains the unconditional model alone.
         """
         self._check_images(img)
         x_start = self.normalize(img)
@@ -626,16 +666,87 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        out = self.model(x_t, t)
+        if labels is not None:
+            labels = self._check_label_tensor(labels, img.shape[0])
+            if drop is None:
+                drop = torch.rand(labels.shape, device=labels.device) < self.cond_drop_prob
+            elif not (torch.is_tensor(drop) and drop.dtype == torch.bool and drop.shape == labels.shape):
+                raise ValueError(f"drop must be a boolean tensor of shape {tuple(labels.shape)}, one per image, got "
+                                 f"{drop.dtype if torch.is_tensor(drop) else type(drop).__name__} "
+                                 f"{tuple(getattr(drop, 'shape', ()))}")
+            labels = torch.where(drop, self.num_classes, labels)
+        out = self._model_output(x_t, t, labels)
         if self.min_snr_gamma is None:
             return F.mse_loss(out.float(), self.training_target(x_start, t, noise))
         per_image = (out.float() - self.training_target(x_start, t, noise)).pow(2).flatten(1).mean(1)
         return (self.loss_weight(t) * per_image).mean()
 
+    # ---- class labels and classifier-free guidance ----
+    def _check_label_tensor(self, labels, batch_size):
+        """labels as given to the network: one integer per image (no range check, which would wait for a GPU)."""
+        if self.num_classes is None:
+            raise ValueError("labels were given, but this model is unconditional (its U-Net has no num_classes)")
+        if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+                or labels.dtype == torch.bool:
+            kind = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+            raise ValueError(f"labels must be an integer tensor of class indices, got {kind}")
+        if tuple(labels.shape) != (batch_size,):
+            raise ValueError(f"labels must have shape ({batch_size},), one per image, got {tuple(labels.shape)}")
+        return labels.to(self.device, torch.long)
+
+    def _condition(self, labels, guidance_scale, batch_size):
+        """(labels, w) for sampling, checked: labels None or a (B,) int64 tensor in 0..num_classes-1
+        (an int asks for one class for the whole batch), and the guidance scale w."""
+        if self.num_classes is None:
+            if guidance_scale is not None:
+                raise ValueError(f"guidance_scale={guidance_scale!r} needs a class-conditional model; this one is "
+                                 f"unconditional (its U-Net has no num_classes)")
+            if labels is not None:
+                self._check_label_tensor(labels, batch_size)  # raises
+            return None, 1.0
+        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                           or not math.isfinite(guidance_scale) or guidance_scale < 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if labels is None:
+            if guidance_scale != 0:
+                raise ValueError(f"this model is class-conditional: pass labels (integers in 0..{self.num_classes - 1}, "
+                                 f"one per image), or guidance_scale=0 for unconditional samples")
+            return None, 0.0
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            labels = torch.full((batch_size,), labels)
+        elif isinstance(labels, (list, tuple)):
+            labels = torch.tensor(labels) if labels else torch.zeros(0, dtype=torch.long)
+        labels = self._check_label_tensor(labels, batch_size)
+        low, high = labels.min().item(), labels.max().item()
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1} (the model's {self.num_classes} classes), "
+                             f"got values in {low}..{high}")
+        return labels, 1.0 if guidance_scale is None else float(guidance_scale)
+
+    def _model_output(self, x, t, labels=None):
+        return self.model(x, t) if labels is None else self.model(x, t, labels)
+
+    def guided_output(self, x, t, labels=None, guidance_scale=1.0):
+        """The network's output under classifier-free guidance with scale w:
+            out = out(x, t, no label) + w * (out(x, t, label) - out(x, t, no label)),
+        so w = 1 is the plain conditional model and w = 0 the unconditional one. Noise, x_0 and v
+        are each an affine function of the others at fixed x_t, so guiding the output is the same
+        as guiding the predicted noise, eps = eps_uncond + w (eps_cond - eps_uncond), whatever the
+        objective. For other w both predictions come from one forward pass of 2B images."""
+        if labels is None or guidance_scale == 0:
+            return self._model_output(x, t).float()  # a conditional U-Net reads no labels as "no label"
+        if guidance_scale == 1:
+            return self._model_output(x, t, labels).float()
+        no_label = torch.full_like(labels, self.num_classes)
+        both = self._model_output(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, no_label))).float()
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     # ---- sampling ----
-    def model_predictions(self, x, t, clip_x_start=True):
-        """The network's output turned into (predicted noise, predicted x_0)."""
-        out = self.model(x, t).float()
+    def model_predictions(self, x, t, clip_x_start=True, labels=None, guidance_scale=1.0):
+        """The network's output (guided, for a conditional model given labels) turned into
+        (predicted noise, predicted x_0)."""
+        out = self.guided_output(x, t, labels, guidance_scale)
         if self.objective == "pred_noise":
             pred_noise, x_start = out, self.predict_start_from_noise(x, t, out)
         elif self.objective == "pred_x0":
@@ -650,21 +761,23 @@ class GaussianDiffusion(nn.Module):
             pred_noise = self.predict_noise_from_start(x, t, x_start)
         return pred_noise, x_start
 
-    def _predict_at(self, x, t, clip_denoised):
+    def _predict_at(self, x, t, clip_denoised, labels=None, guidance_scale=1.0):
         """model_predictions with one integer timestep t for the whole batch."""
         batched_t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return self.model_predictions(x, batched_t, clip_x_start=clip_denoised)
+        return self.model_predictions(x, batched_t, clip_denoised, labels, guidance_scale)
 
     def _progress(self, iterable, progress, desc, total):
         return tqdm(iterable, desc=desc, total=total, disable=not progress, leave=False)
 
-    def _run_chain(self, shape, pairs, step, desc, clip_denoised, return_all_timesteps, generator, progress):
-        """Start from x_T ~ N(0, I); for each (t, t_next) in `pairs` evaluate the network once and
-        move on with x = step(x, t, t_next, predicted noise, predicted x_0)."""
+    def _run_chain(self, shape, pairs, step, desc, clip_denoised, return_all_timesteps, generator, progress,
+                   labels=None, guidance_scale=None):
+        """Start from x_T ~ N(0, I); for each (t, t_next) in `pairs` evaluate the network once (guided,
+        with labels) and move on with x = step(x, t, t_next, predicted noise, predicted x_0)."""
+        labels, guidance_scale = self._condition(labels, guidance_scale, shape[0])
         img = torch.randn(shape, device=self.device, generator=generator)
         imgs = [img]
         for t, t_next in self._progress(pairs, progress, desc, len(pairs)):
-            pred_noise, x_start = self._predict_at(img, t, clip_denoised)
+            pred_noise, x_start = self._predict_at(img, t, clip_denoised, labels, guidance_scale)
             img = step(img, t, t_next, pred_noise, x_start)
             if return_all_timesteps:
                 imgs.append(img)
@@ -687,14 +800,16 @@ class GaussianDiffusion(nn.Module):
         return mean + noise_scale * var.sqrt() * noise
 
     @torch.inference_mode()
-    def p_sample(self, x, t, variance="fixed_small", noise_scale=1.0, clip_denoised=True, generator=None):
-        """One step of DDPM Algorithm 2: x_{t-1} ~ N(mu(x_t, x_0_hat), sigma_t^2 I)."""
-        _, x_start = self._predict_at(x, t, clip_denoised)
+    def p_sample(self, x, t, variance="fixed_small", noise_scale=1.0, clip_denoised=True, generator=None,
+                 labels=None, guidance_scale=None):
+        """One ancestral step x_{t-1} ~ N(mu(x_t, x_0_hat), sigma_t^2 I): DDPM's Algorithm 2 when
+        clip_denoised=False; with clipping, x_0_hat is clamped to [-1, 1] first (the released code)."""
+        _, x_start = self._predict_at(x, t, clip_denoised, *self._condition(labels, guidance_scale, x.shape[0]))
         return self._ddpm_step(x, t, x_start, variance, noise_scale, generator), x_start
 
     @torch.inference_mode()
     def p_sample_loop(self, shape, variance="fixed_small", noise_scale=1.0, clip_denoised=True,
-                      return_all_timesteps=False, generator=None, progress=True):
+                      return_all_timesteps=False, generator=None, progress=True, labels=None, guidance_scale=None):
         """DDPM Algorithm 2 over all timesteps, in model space."""
         self._check_variance(variance, noise_scale)
         pairs = [(t, t - 1) for t in reversed(range(self.num_timesteps))]
@@ -703,7 +818,7 @@ class GaussianDiffusion(nn.Module):
             return self._ddpm_step(x, t, x_start, variance, noise_scale, generator)
 
         return self._run_chain(shape, pairs, step, "DDPM sampling", clip_denoised, return_all_timesteps,
-                               generator, progress)
+                               generator, progress, labels, guidance_scale)
 
     def sampling_timesteps(self, sampling_steps, spacing="uniform"):
         """The (t, t_next) pairs of a few-step sampler (see the module function `sampling_timesteps`)."""
@@ -727,7 +842,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.inference_mode()
     def ddim_sample_loop(self, shape, sampling_steps, eta=0.0, clip_denoised=True,
-                         return_all_timesteps=False, generator=None, progress=True, spacing="uniform"):
+                         return_all_timesteps=False, generator=None, progress=True, spacing="uniform",
+                         labels=None, guidance_scale=None):
         """DDIM (Song et al. 2021, eq. 12) on `sampling_steps` timesteps; eta=0 is deterministic."""
         if not float(eta) >= 0:
             raise ValueError(f"eta must be >= 0, got {eta!r}")
@@ -737,11 +853,12 @@ class GaussianDiffusion(nn.Module):
             return self._ddim_step(x, t, t_next, pred_noise, x_start, eta, generator)
 
         return self._run_chain(shape, pairs, step, "DDIM sampling", clip_denoised, return_all_timesteps,
-                               generator, progress)
+                               generator, progress, labels, guidance_scale)
 
     @torch.inference_mode()
     def dpm_solver_sample_loop(self, shape, sampling_steps, stochastic=False, spacing="uniform", clip_denoised=True,
-                               return_all_timesteps=False, generator=None, progress=True):
+                               return_all_timesteps=False, generator=None, progress=True, labels=None,
+                               guidance_scale=None):
         """DPM-Solver++(2M) (Lu et al. 2022) with `sampling_steps` network evaluations;
         stochastic=True runs its SDE variant, SDE-DPM-Solver++(2M)."""
         pairs = self.sampling_timesteps(sampling_steps, spacing)
@@ -759,7 +876,8 @@ class GaussianDiffusion(nn.Module):
             return x
 
         desc = "SDE-DPM-Solver++(2M) sampling" if stochastic else "DPM-Solver++(2M) sampling"
-        return self._run_chain(shape, pairs, step, desc, clip_denoised, return_all_timesteps, generator, progress)
+        return self._run_chain(shape, pairs, step, desc, clip_denoised, return_all_timesteps, generator, progress,
+                               labels, guidance_scale)
 
     def _choose_sampler(self, sampler, sampling_steps):
         """The sampler `sample` runs: the one named, else DDPM for all timesteps and DDIM for fewer."""
@@ -787,7 +905,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.inference_mode()
     def sample(self, batch_size=16, sampling_steps=None, sampler=None, eta=None, variance=None, noise_scale=None,
-               spacing=None, clip_denoised=True, return_all_timesteps=False, generator=None, progress=True):
+               spacing=None, clip_denoised=True, return_all_timesteps=False, generator=None, progress=True,
+               labels=None, guidance_scale=None):
         """Draw `batch_size` images in [0, 1] with one of SAMPLERS, using `sampling_steps` network evaluations.
 
         Without `sampler`: sampling_steps=None (or = timesteps) runs "ddpm", the ancestral sampler over
@@ -798,14 +917,19 @@ class GaussianDiffusion(nn.Module):
         "ddim", "dpm++2m" (DPM-Solver++(2M), deterministic) and "dpm++2m-sde" (its stochastic
         variant): `spacing`, one of SPACINGS (defaults in DEFAULT_SPACINGS).
         With return_all_timesteps=True the result is (B, steps + 1, C, H, W), from noise to image.
+
+        A class-conditional model samples the classes in `labels` (one int for the whole batch, or
+        one per image) with classifier-free guidance scale `guidance_scale` (w, default 1: the plain
+        conditional model; 0: unconditional, the only setting that needs no labels), with every sampler.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         sampler = self._choose_sampler(sampler, sampling_steps)
         self._reject_unused(sampler, eta=eta, variance=variance, noise_scale=noise_scale, spacing=spacing)
         shape = (batch_size, self.channels, *self.image_size)
+        self._condition(labels, guidance_scale, batch_size)  # argument errors before any work
         run = dict(clip_denoised=clip_denoised, return_all_timesteps=return_all_timesteps, generator=generator,
-                   progress=progress)
+                   progress=progress, labels=labels, guidance_scale=guidance_scale)
         if sampler == "ddpm":
             x = self.p_sample_loop(shape, "fixed_small" if variance is None else variance,
                                    1.0 if noise_scale is None else noise_scale, **run)

@@ -22,6 +22,7 @@ and "matched": with the same fused AdamW, clipping, LR schedule and EMA update a
     python benchmark.py --threads 1      # steadier numbers when other processes share the CPUs
     python benchmark.py --precision float32  # one precision only (default: bfloat16 too, where native)
     python benchmark.py --loss-curves 400  # does the fast setting train the same? (float32 vs bfloat16)
+    python benchmark.py --image-shapes     # our step at 1x28x28 against 3x32x32 (your own colour images)
 
 On a CPU, every worker also records the CPU seconds it consumed, so that a run on a busy machine
 still gives a rough comparison (img/CPU-s); the wall-clock numbers of a quiet machine are the real
@@ -626,6 +627,9 @@ def build_parser():
     p.add_argument("--loss-curves", type=int, metavar="STEPS",
                    help="instead of timing: train the default Fashion-MNIST run for STEPS steps in float32 and "
                         "in bfloat16 from the same seed and overlay their loss curves (data/precision_loss_curves.png)")
+    p.add_argument("--image-shapes", action="store_true",
+                   help="instead of the full run: our training step at the default 1x28x28 and at 3x32x32 RGB, "
+                        "steps interleaved, with the throughput ratio (benchmark_image_shapes.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -1163,6 +1167,40 @@ def loss_curves(steps, device):
     return 0
 
 
+IMAGE_SHAPES = (IMAGE_SHAPE, (3, 32, 32))  # the datasets' shape, and a typical folder of colour images
+
+
+def image_shape_throughput(args, device, rounds=5):
+    """Our training step (the default config, `Experiment.train_step`) at each of IMAGE_SHAPES, in one
+    process, `rounds` rounds of `args.steps` steps per shape taken in turn, so that both see the same
+    machine; images/s from the median step of each shape, and the ratio to the first shape."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = {}
+    for channels, height, width in IMAGE_SHAPES:
+        cfg = experiment.Config().replace(image_size=height, channels=channels, device=device.type,
+                                          batch_size=args.batch, out_dir=str(Path(tempfile.gettempdir()) / "unused"))
+        exp = experiment.Experiment(cfg).build(cfg.steps)
+        batch = torch.randint(0, 256, (args.batch, channels, height, width), dtype=torch.uint8)
+        steps[(channels, height, width)] = (exp, batch, [])
+    for _ in range(rounds):
+        for exp, batch, times in steps.values():
+            times += repeat_timed(lambda: exp.train_step(batch), device, args.warmup, args.steps)[1]
+    rows = [dict(shape=list(shape), img_per_s=round(args.batch / statistics.median(times), 1), steps=len(times))
+            for shape, (_, _, times) in steps.items()]
+    for row in rows:
+        row["ratio_to_first"] = round(row["img_per_s"] / rows[0]["img_per_s"], 3)
+        print(f"{'x'.join(map(str, row['shape'])):>8}: {row['img_per_s']:7.1f} images/s "
+              f"({row['ratio_to_first']:.0%} of {'x'.join(map(str, rows[0]['shape']))})")
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=experiment.device_name(device), batch=args.batch, threads=torch.get_num_threads(),
+                torch=torch.__version__)
+    data_path = Path("benchmark_image_shapes.json")
+    experiment.data.atomic_write_text(data_path, json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    print(f"written to {data_path}")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -1170,6 +1208,8 @@ def main(argv=None):
     try:
         if args.loss_curves is not None:
             return loss_curves(args.loss_curves, args.device)
+        if args.image_shapes:
+            return image_shape_throughput(args, experiment.pick_device(args.device))
         return run_benchmark(args)
     except experiment.ConfigError as e:  # e.g. --device cuda on a machine without CUDA
         print(f"benchmark.py: error: {e}", file=sys.stderr)

@@ -265,3 +265,187 @@ def load_images(name, train=True, root=None, limit=None):
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images.contiguous(), labels.clone()
+
+
+# ================================================================================================
+# Your own images: a folder of pictures as a dataset ("folder:PATH")
+# ================================================================================================
+# Every image under the folder that Pillow can open is decoded once, converted to greyscale or RGB,
+# resized (shorter side) and centre-cropped to a square, and stored as one uint8 tensor in the data
+# cache. The cache key holds the folder's file list with sizes and modification times and the
+# settings, so a changed folder is read again and an unchanged one loads in a moment.
+
+FOLDER_PREFIX = "folder:"
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def is_folder(dataset):
+    return isinstance(dataset, str) and dataset.startswith(FOLDER_PREFIX)
+
+
+def folder_path(dataset):
+    return Path(dataset[len(FOLDER_PREFIX):]).expanduser()
+
+
+def image_files(folder):
+    """Files under `folder` (nested folders too) whose extension Pillow knows, sorted."""
+    from PIL import Image
+    known = {ext.lower() for ext in Image.registered_extensions()}
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in known)
+
+
+def folder_classes(folder, files=None):
+    """Class names of a torchvision ImageFolder layout (every image in a first-level subfolder, at
+    least two of them): the sorted subfolder names; None for any other layout."""
+    folder = Path(folder)
+    files = image_files(folder) if files is None else files
+    parts = [f.relative_to(folder).parts for f in files]
+    if not parts or any(len(p) < 2 for p in parts):
+        return None
+    names = sorted({p[0] for p in parts})
+    return names if len(names) >= 2 else None
+
+
+def _check_folder(folder):
+    if not folder.is_dir():
+        raise DataError(f"dataset folder {folder} does not exist or is not a folder")
+    files = image_files(folder)
+    if not files:
+        raise DataError(f"dataset folder {folder} holds no image files (Pillow reads .png, .jpg, .jpeg, .webp, "
+                        f".bmp, .gif, .tif and more; nested folders are searched)")
+    return files
+
+
+def _decode(path, size, mode):
+    """One image, converted to `mode` ("L" or "RGB"), resized so its shorter side is `size`, then
+    centre-cropped to size x size: uint8 (C, size, size)."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as img:
+        img = ImageOps.fit(img.convert(mode), (size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).view(size, size, -1).permute(2, 0, 1)
+
+
+def load_folder(dataset, size, channels=0, cache_root=None, quiet=False):
+    """(images uint8 (N, C, size, size), labels int64 (N,) or None, class names or None) of a
+    "folder:PATH" dataset, decoded once and cached (see above).
+
+    channels: 1 or 3, or 0 to take it from the data (3 if any image has colour). Mixed grey and
+    colour images are converted, with a note. Unreadable files are skipped with a note; a folder
+    with none readable raises DataError naming the first few and why.
+    """
+    from PIL import Image
+    folder = folder_path(dataset)
+    files = _check_folder(folder)
+    classes = folder_classes(folder, files)
+    listing = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(repr((str(folder.resolve()), size, channels, listing)).encode()).hexdigest()[:20]
+    cache = Path(cache_root or default_data_root()) / "folders" / f"{key}.pt"
+    if cache.exists():
+        with contextlib.suppress(Exception):  # a damaged cache is simply decoded again
+            cached = torch.load(cache, weights_only=True)
+            return cached["images"], cached.get("labels"), classes
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    modes, unreadable = {}, []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                modes[f] = img.mode
+        except Exception as e:
+            unreadable.append((f, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"))
+    if not modes:
+        listed = "; ".join(f"{f.relative_to(folder)} ({why})" for f, why in unreadable[:3])
+        raise DataError(f"dataset folder {folder}: none of its {len(files)} image files can be read, e.g. {listed}")
+    if unreadable:
+        say(f"note: skipped {len(unreadable)} unreadable file(s) in {folder}, e.g. {unreadable[0][0].name} ({unreadable[0][1]})")
+    grey = [f for f, m in modes.items() if m in GREY_MODES]
+    if channels == 0:
+        channels = 1 if len(grey) == len(modes) else 3
+    if 0 < len(grey) < len(modes):
+        say(f"note: {folder} mixes {len(grey)} greyscale and {len(modes) - len(grey)} colour images: "
+            f"all converted to {'RGB' if channels == 3 else 'greyscale'}")
+    mode = "RGB" if channels == 3 else "L"
+    kept = list(modes)
+    images = torch.stack([_decode(f, size, mode) for f in kept])
+    labels = None
+    if classes:
+        index = {name: i for i, name in enumerate(classes)}
+        labels = torch.tensor([index[f.relative_to(folder).parts[0]] for f in kept])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"images": images, "labels": labels, "files": [str(f) for f in kept]}, cache)
+    say(f"prepared {len(kept)} images of {folder} at {size}x{size}x{channels} in {cache}")
+    return images, labels, classes
+
+
+def folder_channels(dataset, size):
+    """The channel count a folder's images are decoded to when channels=0 (3 if any has colour)."""
+    return load_folder(dataset, size, 0, quiet=True)[0].shape[1]
+
+
+FOLDER_IMAGE_SIZE = 32  # a folder's default image size (config image_size=0)
+
+
+def image_shape(dataset, image_size=0, channels=0):
+    """(channels, height, width) of a dataset's training images as a run sees them: the dataset's own
+    size and channels unless image_size / channels (non-zero) say otherwise."""
+    if is_folder(dataset):
+        size = image_size or FOLDER_IMAGE_SIZE
+        return channels or folder_channels(dataset, size), size, size
+    own_channels, height, width = IMAGE_SHAPE[dataset]
+    return channels or own_channels, image_size or height, image_size or width
+
+
+def training_images(dataset, image_size=0, channels=0, limit=None, train=True):
+    """(images uint8 (N, C, H, W), labels int64 (N,) or None) of a dataset at the run's image shape:
+    MNIST and Fashion-MNIST resized (antialiased) or repeated to 3 channels when asked, a folder
+    decoded through its cache."""
+    if is_folder(dataset):
+        images, labels, _ = load_folder(dataset, image_size or FOLDER_IMAGE_SIZE, channels)
+    else:
+        images, labels = load_images(dataset, train=train)
+        c, h, _ = image_shape(dataset, image_size, channels)
+        if h != images.shape[-1]:
+            images = torch.nn.functional.interpolate(images.float(), size=(h, h), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255).to(torch.uint8)
+        if c != images.shape[1]:
+            images = images.expand(-1, c, -1, -1)
+    if limit:
+        images, labels = images[:limit], None if labels is None else labels[:limit]
+    return images.contiguous(), labels
+
+
+def class_names(dataset):
+    """The class names of a dataset (None for a folder without class subfolders)."""
+    return folder_classes(folder_path(dataset)) if is_folder(dataset) else CLASS_NAMES[dataset]
+
+
+def write_colour_digits(out, n=5000, size=32, seed=0):
+    """An example folder dataset, written offline from MNIST: n coloured digits of size x size RGB as
+    PNG files in class subfolders (out/<digit>/<index>.png, torchvision's ImageFolder layout). Each
+    digit gets a random bright colour on a random dark two-colour gradient with a little grain."""
+    from PIL import Image
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} already holds files: give an empty or new folder")
+    images, labels = training_images("mnist", image_size=size, limit=n)
+    g = torch.Generator().manual_seed(seed)
+    hue = torch.rand(n, 1, generator=g)
+    bright = torch.stack([_hue_to_rgb(h) for h in hue.flatten()])                   # (n, 3)
+    top, bottom = 0.35 * torch.rand(n, 3, generator=g), 0.35 * torch.rand(n, 3, generator=g)
+    ramp = torch.linspace(0, 1, size).view(1, 1, size, 1)
+    background = top.view(n, 3, 1, 1) * (1 - ramp) + bottom.view(n, 3, 1, 1) * ramp
+    background = background + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    mask = images.float() / 255                                                       # (n, 1, size, size)
+    rgb = (mask * bright.view(n, 3, 1, 1) + (1 - mask) * background).clamp(0, 1)
+    pixels = (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        folder = out / str(int(labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i]).save(folder / f"{i:05d}.png")
+    return n
+
+
+def _hue_to_rgb(h, saturation=0.8):
+    """A bright colour of hue h in [0, 1) (HSV with value 1)."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h) % 6
+    return 1 - saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1)

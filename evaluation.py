@@ -104,7 +104,7 @@ class Evaluator:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # on a GPU when there is one: scoring the 60,000 training images takes a minute on a CPU
         self.classifier = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
-        self._reference, self._floors = None, {}
+        self._reference, self._floors, self._real_spread = None, {}, None
 
     @torch.no_grad()
     def outputs(self, images, batch=1000):
@@ -129,7 +129,10 @@ class Evaluator:
     def fid(self, images):
         """(FID against the training split, class probabilities) of images."""
         feats, probs = self.outputs(images)
-        return frechet_distance(*gaussian_stats(feats), *self.reference), probs
+        return self.fid_of_features(feats), probs
+
+    def fid_of_features(self, feats):
+        return frechet_distance(*gaussian_stats(feats), *self.reference)
 
     def floor(self, n):
         """FID of n random real test images against the training split, at the same count as a
@@ -141,18 +144,45 @@ class Evaluator:
             self._floors[n] = self.fid(test[idx])[0]
         return self._floors[n]
 
-    def evaluate(self, images, confidence=0.9):
-        """FID (with its floor at the same count), confident share and class histogram of images in [0, 1]."""
+    @staticmethod
+    def spread(features):
+        """Diversity of a set of images: the mean squared distance of their features from their mean
+        (the trace of the feature covariance)."""
+        return (features - features.mean(0)).pow(2).sum(1).mean().item()
+
+    def real_spread(self):
+        """`spread` of the real test images of each class."""
+        if self._real_spread is None:
+            test, labels = data.load_images(self.dataset, train=False)
+            feats = self.outputs(test)[0]
+            self._real_spread = [self.spread(feats[labels == c]) for c in range(10)]
+        return self._real_spread
+
+    def evaluate(self, images, confidence=0.9, labels=None):
+        """FID (with its floor at the same count), confident share and class histogram of images in [0, 1].
+
+        With `labels`, the classes the images were asked to show (a conditional model), also the share
+        classified as the requested class, and the per-class diversity: the feature spread of the samples
+        of each requested class over that of the real test images of the class, averaged over the
+        classes (1 = as varied as the real images; guidance lowers it)."""
         n = len(images)
-        fid, probs = self.fid(images)
+        feats, probs = self.outputs(images)
+        fid = self.fid_of_features(feats)
         conf, pred = probs.max(1)
         hist = torch.bincount(pred, minlength=10).tolist()
         floor = self.floor(min(n, 10000))
-        return dict(dataset=self.dataset, n_samples=n, fid=round(fid, 3), fid_floor=round(floor, 3),
-                    fid_over_floor=round(fid / floor, 2),
-                    confident_share=round((conf >= confidence).float().mean().item(), 4),
-                    class_histogram=hist, class_share_min=round(min(hist) / n, 4),
-                    class_share_max=round(max(hist) / n, 4))
+        result = dict(dataset=self.dataset, n_samples=n, fid=round(fid, 3), fid_floor=round(floor, 3),
+                      fid_over_floor=round(fid / floor, 2),
+                      confident_share=round((conf >= confidence).float().mean().item(), 4),
+                      class_histogram=hist, class_share_min=round(min(hist) / n, 4),
+                      class_share_max=round(max(hist) / n, 4))
+        if labels is not None:
+            labels = torch.as_tensor(labels).cpu()
+            classes = [c for c in range(10) if int((labels == c).sum()) >= 2]
+            ratios = [self.spread(feats[labels == c]) / self.real_spread()[c] for c in classes]
+            result.update(requested_class_share=round((pred == labels).float().mean().item(), 4),
+                          class_diversity=round(sum(ratios) / len(ratios), 4) if ratios else None)
+        return result
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,9 +191,49 @@ def evaluator(dataset):
     return Evaluator(dataset)
 
 
-def evaluate_samples(images, dataset, confidence=0.9):
-    """FID (with its floor at the same count), confident share and class histogram of samples in [0, 1]."""
-    return evaluator(dataset).evaluate(images, confidence)
+def evaluate_samples(images, dataset, confidence=0.9, labels=None):
+    """FID (with its floor at the same count), confident share and class histogram of samples in [0, 1];
+    with `labels` (requested classes) also the share classified as requested and the per-class diversity."""
+    return evaluator(dataset).evaluate(images, confidence, labels)
+
+
+# ================================================================================================
+# Your own images: no classifier, so check for memorisation instead
+# ================================================================================================
+
+NEAR_COPY_RMS = 0.05  # a sample this close (RMS pixel distance, pixels in [0, 1]) to a training image is a near-copy
+
+
+def nearest_training_images(images, train_u8, exclude=None, chunk=4096):
+    """For each image (in [0, 1]): the RMS pixel distance to its nearest training image (uint8) and
+    that image's index; `exclude` (one training index per image) leaves an image's own copy out."""
+    x = images.flatten(1).float().cpu()
+    best = torch.full((len(x),), float("inf"))
+    index = torch.zeros(len(x), dtype=torch.long)
+    for start in range(0, len(train_u8), chunk):
+        d2 = torch.cdist(x, train_u8[start:start + chunk].flatten(1).float() / 255).pow(2)
+        if exclude is not None:
+            own = exclude - start
+            inside = (own >= 0) & (own < d2.shape[1])
+            d2[inside.nonzero().flatten(), own[inside]] = float("inf")
+        value, where = d2.min(1)
+        better = value < best
+        best[better], index[better] = value[better], where[better] + start
+    return (best / x.shape[1]).sqrt(), index
+
+
+def memorisation(images, train_u8, threshold=NEAR_COPY_RMS, reference=500):
+    """How close samples come to copying their training set: each sample's RMS pixel distance to its
+    nearest training image, the share of near-copies (below `threshold`), and for scale the same
+    distance from `reference` training images to their nearest *other* training image."""
+    dist, index = nearest_training_images(images, train_u8)
+    pick = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(0))[:reference]
+    real, _ = nearest_training_images(train_u8[pick].float() / 255, train_u8, exclude=pick)
+    result = dict(n_samples=len(images), near_copy_rms=threshold,
+                  near_copy_share=round((dist < threshold).float().mean().item(), 4),
+                  nearest_rms_median=round(dist.median().item(), 4),
+                  train_nearest_rms_median=round(real.median().item(), 4))
+    return result, dist, index
 
 
 def fid_floor(dataset, n):

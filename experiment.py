@@ -10,6 +10,8 @@ here, so `experiment.load_dataset` and `experiment.evaluate_samples` keep workin
     python experiment.py sample data/ddpm_mnist_ema.pt --out digits.png   # shipped weights, seconds
     python experiment.py train --dataset mnist --steps 20000 --out-dir runs/mnist
     torchrun --nproc_per_node=2 experiment.py train --steps 1000   # DistributedDataParallel
+    python experiment.py sample data/cond_mnist_ema.pt --label 7 --guidance 3 --out sevens.png
+    python experiment.py train --dataset folder:PATH --image-size 32 --out-dir runs/mine   # your own images
 """
 
 import argparse
@@ -34,7 +36,7 @@ import data
 # re-exported: the notebooks and users' scripts reach these through experiment
 from data import CLASS_NAMES, DATASETS, DataError, default_data_root, load_dataset, load_images  # noqa: F401
 from evaluation import (classifier_path, evaluate_samples, fid_floor, frechet_distance,  # noqa: F401
-                        train_classifier)
+                        memorisation, nearest_training_images, train_classifier)
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # figures and small artefacts tracked in git
@@ -51,8 +53,11 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class Config:
     # data
-    dataset: str = "fashion_mnist"       # "mnist" or "fashion_mnist"
+    dataset: str = "fashion_mnist"       # "mnist", "fashion_mnist", or "folder:PATH" (your own images)
     train_subset: int = 0                # use only the first N training images (0 = all)
+    image_size: int = 0                  # square images of this size (0 = the dataset's: 28; a folder: 32)
+    channels: int = 0                    # 1 (grey) or 3 (RGB); 0 = the data's (a folder: 3 if any image has colour)
+    hflip: bool = False                  # flip a random half of each batch left-right (augmentation)
     # model (DDPM.Unet)
     dim: int = 32
     dim_mults: tuple = (1, 2, 4)
@@ -63,6 +68,11 @@ class Config:
     beta_schedule: str = "linear"
     objective: str = "pred_noise"
     min_snr_gamma: float = None          # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 (None = off)
+    # class-conditional model with classifier-free guidance (conditional_diffusion.ipynb)
+    conditional: bool = False            # condition on the dataset's classes
+    cond_drop_prob: float = 0.1          # share of training labels replaced by "no label"
+    guidance: float = 2.0                # guidance scale w of the run's pictures and evaluation (1 = no guidance)
+    init_weights: str = None             # a weights file (.pt) to start from, e.g. to fine-tune (None = random)
     # optimisation
     batch_size: int = 128                # global batch, split across processes under torchrun
     lr: float = 1e-3
@@ -106,7 +116,7 @@ class Config:
         "sampler": DDPM.GaussianDiffusion.SAMPLERS,
     }
 
-    OPTIONAL = ("minutes", "min_snr_gamma")  # fields that may be None (off)
+    OPTIONAL = ("minutes", "min_snr_gamma", "init_weights")  # fields that may be None (off)
 
     def validate(self):
         """Reject invalid values before any work starts."""
@@ -124,6 +134,8 @@ class Config:
             value = getattr(self, f.name)
             if value is None and f.name in self.OPTIONAL:
                 continue
+            if f.name == "dataset" and data.is_folder(value):
+                continue  # checked when its images are loaded: a trained model samples without them
             if f.name in self.CHOICES and value not in self.CHOICES[f.name]:
                 self._fail(f.name, f"expected one of {self.CHOICES[f.name]}")
             if f.type is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -133,6 +145,8 @@ class Config:
                 self._fail(f.name, "expected a finite number")
             if f.type is bool and not isinstance(value, bool):
                 self._fail(f.name, "expected true or false")
+            if f.type is str and not isinstance(value, str):
+                self._fail(f.name, "expected a string")
         positive = ("dim", "resnet_blocks", "attn_dim_head", "timesteps", "batch_size", "log_every",
                     "checkpoint_every", "num_sample_images")
         for name in positive:
@@ -146,9 +160,19 @@ class Config:
         if not (isinstance(self.dim_mults, (tuple, list)) and self.dim_mults
                 and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.dim_mults)):
             self._fail("dim_mults", "expected a non-empty list of positive integers, such as [1, 2, 4]")
-        size = data.IMAGE_SHAPE[self.dataset][-1]
-        if size % (2 ** (len(self.dim_mults) - 1)):
-            self._fail("dim_mults", f"{size}x{size} images can be halved at most twice: use at most 3 levels")
+        if self.channels not in (0, 1, 3):
+            self._fail("channels", "expected 1 (greyscale), 3 (RGB) or 0 (the data's)")
+        if self.image_size and self.image_size < 8:
+            self._fail("image_size", "expected 0 (the dataset's size) or a size >= 8")
+        size = self.image_size or (data.FOLDER_IMAGE_SIZE if data.is_folder(self.dataset)
+                                   else data.IMAGE_SHAPE[self.dataset][-1])
+        factor, halvings = 2 ** (len(self.dim_mults) - 1), (size & -size).bit_length() - 1
+        if size % factor:
+            times = {0: "not at all", 1: "only once", 2: "at most twice"}.get(halvings, f"at most {halvings} times")
+            field = "image_size" if self.image_size else "dim_mults"
+            self._fail(field, f"{size}x{size} images can be halved {times}: use at most {halvings + 1} levels "
+                              f"(dim_mults), or an image size that is a multiple of {factor}, such as "
+                              f"{', '.join(str(factor * k) for k in (2, 4, 8) if factor * k >= 8)}")
         if self.dim % 8 or self.dim < 8:
             self._fail("dim", "expected a multiple of 8 (GroupNorm uses 8 groups)")
 
@@ -171,6 +195,10 @@ class Config:
             self._fail("min_snr_gamma", "expected a number > 0 (leave it out for the unweighted loss)")
         if self.ema_power < 0:
             self._fail("ema_power", "expected a number >= 0 (0 = the fixed ema_decay)")
+        if not 0 <= self.cond_drop_prob < 1:
+            self._fail("cond_drop_prob", "expected a number in [0, 1)")
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            self._fail("init_weights", "expected an existing weights file, such as data/ddpm_mnist_ema.pt")
 
     def _check_sampling(self):
         for name in ("sample_steps", "eval_steps"):
@@ -182,6 +210,19 @@ class Config:
             self._fail("sample_eta", "expected a number >= 0")
         if self.sample_eta and self.sampler != "ddim":
             self._fail("sample_eta", f"eta is DDIM's; sampler {self.sampler!r} takes none: expected 0")
+        if self.guidance < 0:
+            self._fail("guidance", "expected a number >= 0 (0 = unconditional, 1 = conditional without guidance)")
+
+    @property
+    def num_classes(self):
+        """The number of classes a conditional model is conditioned on (None: unconditional)."""
+        if not self.conditional:
+            return None
+        names = data.class_names(self.dataset)
+        if not names:
+            raise ConfigError(f"config.conditional=True is not allowed for {self.dataset}: its images are not "
+                              f"sorted into class subfolders (PATH/<class>/<image>, at least two classes)")
+        return len(names)
 
     def to_dict(self):
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -224,12 +265,13 @@ class Config:
 
 def build_diffusion(cfg):
     """The U-Net and GaussianDiffusion a config describes."""
-    channels, height, width = data.IMAGE_SHAPE[cfg.dataset]
+    channels, height, width = data.image_shape(cfg.dataset, cfg.image_size, cfg.channels)
     unet = DDPM.Unet(dim=cfg.dim, dim_mults=tuple(cfg.dim_mults), channels=channels,
-                     resnet_blocks=cfg.resnet_blocks, attn_dim_head=cfg.attn_dim_head)
+                     resnet_blocks=cfg.resnet_blocks, attn_dim_head=cfg.attn_dim_head, num_classes=cfg.num_classes)
     return DDPM.GaussianDiffusion(unet, image_size=(height, width), channels=channels,
                                   timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule,
-                                  objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma)
+                                  objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma,
+                                  cond_drop_prob=cfg.cond_drop_prob)
 
 
 def sampler_kwargs(cfg, sampler=None, eta=None):
@@ -360,11 +402,12 @@ class CheckpointError(RuntimeError):
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng_cpu", "rng_cuda", "config")
 
 
-def state_dict_mismatch(state, model):
-    """What keeps `state` from loading strictly into `model` (None if nothing): missing or
-    unexpected keys, or the first tensor whose shape differs."""
+def state_dict_mismatch(state, model, may_lack=()):
+    """What keeps `state` from loading into `model` (None if nothing): missing keys (except those
+    in `may_lack`), unexpected keys, or the first tensor whose shape differs."""
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state) - set(may_lack))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         return f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
     for key, value in state.items():
@@ -403,7 +446,8 @@ class Experiment:
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.prev_ckpt_path = self.out / "checkpoint_prev.pt"
-        self._data = data  # optional (images uint8 (N, C, H, W)) to skip loading, for tests
+        self._labels = None
+        self._data = data  # optional images uint8 (N, C, H, W), or (images, labels), to skip loading (tests)
 
     # ---- small helpers ----
     @property
@@ -441,10 +485,10 @@ class Experiment:
         self.build(warmup + timed)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            for i, batch in enumerate(self.batches(images)):
+            for i, (batch, labels) in enumerate(self.batches(images, self._labels)):
                 if i == warmup:
                     t0 = time.perf_counter()
-                self.train_step(batch).item()  # .item() waits for the step to finish
+                self.train_step(batch, labels).item()  # .item() waits for the step to finish
         step_s = (time.perf_counter() - t0) / timed
         steps = torch.tensor(int((cfg.minutes * 60 - (time.perf_counter() - started)) / step_s))
         if self.world > 1:
@@ -461,6 +505,8 @@ class Experiment:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.diffusion = build_diffusion(cfg).to(self.device)
+        if cfg.init_weights:
+            self._load_initial_weights(cfg.init_weights)
         if cfg.channels_last:
             self.diffusion = self.diffusion.to(memory_format=torch.channels_last)
         self.ema = torch.optim.swa_utils.AveragedModel(self.diffusion, avg_fn=ema_avg_fn(cfg.ema_decay, cfg.ema_power),
@@ -476,6 +522,15 @@ class Experiment:
                 self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
         return self
+
+    def _load_initial_weights(self, path):
+        """Start from a weights file's tensors. A conditional model may start from unconditional
+        weights: its class embedding, absent from the file, keeps its start (random class rows, a
+        zero "no label" row), so without a label the model begins as exactly the unconditional one
+        and learns the classes on top."""
+        new = [k for k in self.diffusion.state_dict() if "class_emb" in k]
+        state = read_weights(path, self.diffusion, may_lack=new)
+        self.diffusion.load_state_dict(state, strict=False)
 
     def _compiled(self):
         """torch.compile'd diffusion, or the eager one where compiling fails (no C++ compiler, say)."""
@@ -577,22 +632,31 @@ class Experiment:
         self.diffusion.zero_grad(set_to_none=True)
         return forward + backward
 
-    def train_step(self, batch_u8):
-        """One optimizer step on this process's share of the global batch.
+    def train_step(self, batch_u8, labels=None):
+        """One optimizer step on this process's share of the global batch (with its class labels,
+        for a conditional model).
 
-        Timesteps and noise are drawn for the whole global batch on every process (same RNG
-        stream) and each process takes its share, so N processes compute exactly the loss of
-        one process with the same global batch.
+        Timesteps, noise and which labels to drop are drawn for the whole global batch on every
+        process (same RNG stream) and each process takes its share, so N processes compute
+        exactly the loss of one process with the same global batch.
         """
         cfg, B = self.cfg, self.cfg.batch_size
         t_all = torch.randint(0, cfg.timesteps, (B,), device=self.device)
         noise_all = torch.randn((B, *batch_u8.shape[1:]), device=self.device)
-        t, noise = t_all[self.rank::self.world], noise_all[self.rank::self.world]
+        share = slice(self.rank, None, self.world)
+        t, noise = t_all[share], noise_all[share]
         x = batch_u8.to(self.device, non_blocking=True).float().div_(255)
+        if cfg.hflip:  # drawn for the global batch, like t and noise
+            flip = (torch.rand(B, device=self.device) < 0.5)[share]
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        condition = {}
+        if cfg.conditional:
+            drop_all = torch.rand(B, device=self.device) < cfg.cond_drop_prob
+            condition = dict(labels=labels.to(self.device, non_blocking=True), drop=drop_all[share])
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            loss = self.train_module(x, t=t, noise=noise)
+            loss = self.train_module(x, t=t, noise=noise, **condition)
         loss.backward()
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.diffusion.parameters(), cfg.grad_clip)
@@ -603,28 +667,30 @@ class Experiment:
         self.step += 1
         return loss.detach()
 
-    def _loader(self, images, epoch):
-        from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-        sampler = DistributedSampler(TensorDataset(images), num_replicas=self.world, rank=self.rank,
+    def _loader(self, dataset, epoch):
+        from torch.utils.data import DataLoader, DistributedSampler
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
                                      shuffle=True, seed=self.cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
         # its own generator: creating an iterator must not consume the global RNG, or a run
         # resumed mid-epoch would draw different noise than one that never stopped
-        return DataLoader(TensorDataset(images), batch_size=self.cfg.batch_size // self.world,
+        return DataLoader(dataset, batch_size=self.cfg.batch_size // self.world,
                           sampler=sampler, drop_last=True, generator=torch.Generator())
 
-    def batches(self, images):
-        """This process's batches from the current step to the end of the run.
+    def batches(self, images, labels=None):
+        """This process's batches (images, their labels or None) from the current step to the end of the run.
 
         The order within an epoch is a function of (seed, epoch), so a resumed run skips the
         batches it had already seen and then draws exactly what an uninterrupted run would.
         """
+        from torch.utils.data import TensorDataset
+        dataset = TensorDataset(images) if labels is None else TensorDataset(images, labels)
         steps_per_epoch = self.steps_per_epoch(len(images))
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, steps_per_epoch)
-            for i, (batch,) in enumerate(self._loader(images, epoch)):
+            for i, batch in enumerate(self._loader(dataset, epoch)):
                 if i >= skip:
-                    yield batch
+                    yield batch[0], (batch[1] if len(batch) > 1 else None)
                 if self.step >= self.total_steps:
                     return
 
@@ -637,8 +703,7 @@ class Experiment:
 
     def run(self, progress=True):
         """Train to the end (resuming from the run directory if a checkpoint exists), then sample and evaluate."""
-        images = self._data if self._data is not None else load_images(
-            self.cfg.dataset, train=True, limit=self.cfg.train_subset or None)[0]
+        images = self.load_training_data()
         self.build(self.planned_steps(images))
         self.resume()
         if self.done and self.step >= self.total_steps:
@@ -659,6 +724,26 @@ class Experiment:
             torch.distributed.barrier()
         return self.results()
 
+    def training_images(self):
+        """The run's training images (uint8, at the run's shape), for the memorisation check."""
+        return data.training_images(self.cfg.dataset, self.cfg.image_size, self.cfg.channels,
+                                    limit=self.cfg.train_subset or None)[0]
+
+    def load_training_data(self):
+        """The training images (uint8 (N, C, H, W)); their labels go to self._labels, for a conditional run."""
+        given = self._data
+        if given is None:
+            images, labels = data.training_images(self.cfg.dataset, self.cfg.image_size, self.cfg.channels,
+                                                  limit=self.cfg.train_subset or None)
+            if data.is_folder(self.cfg.dataset):  # the run's config records the shape it trained at
+                self.cfg = self.cfg.replace(image_size=images.shape[-1], channels=images.shape[1])
+        else:
+            images, labels = given if isinstance(given, (tuple, list)) else (given, None)
+        if self.cfg.conditional and labels is None:
+            raise ConfigError("config.conditional=True is not allowed here: the training images came without labels")
+        self._labels = labels if self.cfg.conditional else None
+        return images
+
     def train(self, images, progress=True):
         """The training loop: steps, with a log line, a checkpoint and a sample grid when they are due."""
         from tqdm.auto import tqdm
@@ -669,8 +754,8 @@ class Experiment:
                    desc=self.out.name, dynamic_ncols=True)
         due = lambda every: every and self.step % every == 0 and self.step < self.total_steps
         try:
-            for batch in self.batches(images):
-                log.add(self.train_step(batch))
+            for batch, labels in self.batches(images, self._labels):
+                log.add(self.train_step(batch, labels))
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     bar.set_postfix(log.write())
                 bar.update(1)
@@ -688,10 +773,30 @@ class Experiment:
         bar.close()
 
     # ---- outputs ----
+    def balanced_labels(self, n):
+        """Labels 0, 1, 2, ... modulo the classes (a conditional run's default); None when unconditional."""
+        return torch.arange(n) % self.cfg.num_classes if self.cfg.conditional else None
+
+    def class_grid(self, n):
+        """(labels, images per row) for a grid of at least n samples with one row per class (None, a
+        square grid when unconditional)."""
+        if not self.cfg.conditional:
+            return None, math.ceil(math.sqrt(n))
+        per_row = math.ceil(n / self.cfg.num_classes)
+        return torch.arange(self.cfg.num_classes).repeat_interleave(per_row), per_row
+
     def sample(self, n, steps=None, eta=None, use_ema=True, generator=None, return_all_timesteps=False,
-               progress=False, sampler=None, **kwargs):
+               progress=False, sampler=None, labels=None, guidance=None, **kwargs):
         """n images in [0, 1] from the EMA (or raw) weights with the config's sampler, unless
-        `sampler`, `steps` or `eta` say otherwise; other keyword arguments go to DDPM's `sample`."""
+        `sampler`, `steps` or `eta` say otherwise; other keyword arguments go to DDPM's `sample`.
+        A conditional run draws `labels` (default: the classes in turn) with guidance scale `guidance`
+        (default: the config's)."""
+        if self.cfg.conditional:
+            kwargs.update(labels=self.balanced_labels(n) if labels is None else labels,
+                          guidance_scale=self.cfg.guidance if guidance is None else guidance)
+        elif labels is not None or guidance is not None:
+            raise ConfigError(f"{self.out} is an unconditional run: it takes no label or guidance "
+                              f"(train with --conditional true for a class-conditional model)")
         diffusion = self.ema.module if use_ema else self.diffusion
         diffusion.eval()
         try:
@@ -704,13 +809,16 @@ class Experiment:
         return out.float()
 
     def save_samples(self, name, n=None, seed=None, **sampler_args):
-        """A grid of samples (the config's count and seed unless given) written to the run directory."""
+        """A grid of samples (the config's count and seed unless given) written to the run directory;
+        a conditional run's grid has one row per class."""
         from torchvision.utils import save_image
         n = n or self.cfg.num_sample_images
+        labels, per_row = self.class_grid(n)
+        n = n if labels is None else len(labels)
         g = torch.Generator(self.device).manual_seed(self.cfg.seed if seed is None else seed)
-        imgs = self.sample(n, generator=g, **sampler_args)
+        imgs = self.sample(n, generator=g, labels=labels, **sampler_args)
         with data.writing(self.out / name):
-            save_image(imgs, self.out / name, nrow=math.ceil(math.sqrt(n)), padding=2)
+            save_image(imgs, self.out / name, nrow=per_row, padding=2)
 
     def save_gif(self, path, n=16, seed=None, **sampler_args):
         """The reverse process of n samples as a looping GIF."""
@@ -728,8 +836,10 @@ class Experiment:
             self.save_gif(self.out / "reverse_process.gif")
         sample_time = time.perf_counter() - t0
         if cfg.eval_samples:
-            result = self.evaluate(cfg.eval_samples, cfg.eval_steps)
+            result, imgs = self.evaluate(cfg.eval_samples, cfg.eval_steps, return_images=True)
             data.atomic_write_text(self.out / "eval.json", json.dumps(result, indent=2) + "\n")
+            if data.is_folder(cfg.dataset):
+                plot_nearest_neighbours(imgs[:10], self.training_images(), self.out / "memorisation.png")
         rows = read_metrics(self.out)
         done = dict(step=self.step, final_loss=float(np.mean([r["loss"] for r in rows[-5:]])) if rows else None,
                     train_time_s=rows[-1]["train_time_s"] if rows else None,
@@ -747,12 +857,21 @@ class Experiment:
         """
         steps = steps or self.cfg.eval_steps
         g = torch.Generator(self.device).manual_seed(self.cfg.seed + 1 if seed is None else seed)
+        label = sampler_args.pop("labels", None)  # one requested class for all, or the classes in turn
+        labels = self.balanced_labels(n) if label is None else torch.full((n,), int(label))
         t0 = time.perf_counter()
-        imgs = torch.cat([self.sample(min(batch, n - i), steps=steps, use_ema=use_ema, generator=g,
-                                      sampler=sampler, **sampler_args) for i in range(0, n, batch)])
+        imgs = torch.cat([self.sample(min(batch, n - i), steps=steps, use_ema=use_ema, generator=g, sampler=sampler,
+                                      labels=None if labels is None else labels[i:i + batch], **sampler_args)
+                          for i in range(0, n, batch)])
         seconds = time.perf_counter() - t0
-        result = evaluate_samples(imgs, self.cfg.dataset)
+        if data.is_folder(self.cfg.dataset):  # no classifier for your own images: check for copies instead
+            result = memorisation(imgs, self.training_images())[0]
+        else:
+            result = evaluate_samples(imgs, self.cfg.dataset, labels=labels)
         used = sampler_kwargs(self.cfg, sampler, sampler_args.pop("eta", None))
+        guidance = sampler_args.pop("guidance", None)
+        if self.cfg.conditional:
+            used["guidance"] = self.cfg.guidance if guidance is None else guidance
         result.update(sampling_steps=steps, ema=use_ema, sample_time_per_image_s=round(seconds / n, 4),
                       **used, **sampler_args)
         return (result, imgs.cpu()) if return_images else result
@@ -882,15 +1001,16 @@ def weights_config(path):
     return Config.load(config_path)
 
 
-def read_weights(path, model):
-    """The state dict in a weights file, checked against `model`; ConfigError saying what is wrong."""
+def read_weights(path, model, may_lack=()):
+    """The state dict in a weights file, checked against `model` (it may lack the keys in `may_lack`);
+    ConfigError saying what is wrong."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"weights file {path} does not load ({_first_line(e)}): copy it again") from None
     if not isinstance(state, dict):
         raise ConfigError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    problem = state_dict_mismatch(state, model)
+    problem = state_dict_mismatch(state, model, may_lack)
     if problem:
         raise ConfigError(f"weights file {path} does not match its config {weights_files(path)[0]}: {problem}")
     return state
@@ -941,6 +1061,33 @@ def plot_loss_curves(runs, path, smooth=5):
     ax.set(xlabel="step", ylabel=f"training loss (mean of {smooth} logs)", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    with data.writing(path):
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_nearest_neighbours(samples, train_u8, path):
+    """Samples (top row) above their nearest training images in pixel space (bottom row), with the
+    RMS distance: near-copies (below evaluation.NEAR_COPY_RMS) are marked in red."""
+    import matplotlib
+    matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
+    import matplotlib.pyplot as plt
+    from evaluation import NEAR_COPY_RMS
+    dist, index = nearest_training_images(samples, train_u8)
+    n = len(samples)
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.9), squeeze=False)
+    show = lambda img: img.permute(1, 2, 0).squeeze(-1).cpu().numpy()
+    for i in range(n):
+        axes[0, i].imshow(show(samples[i].float()), cmap="gray", vmin=0, vmax=1)
+        axes[1, i].imshow(show(train_u8[index[i]].float() / 255), cmap="gray", vmin=0, vmax=1)
+        axes[1, i].set_xlabel(f"{dist[i]:.3f}", color="red" if dist[i] < NEAR_COPY_RMS else "black", fontsize=8)
+        for ax in axes[:, i]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel("sample", fontsize=8)
+    axes[1, 0].set_ylabel("nearest\ntraining image", fontsize=8)
+    fig.suptitle(f"nearest training image in pixel space (RMS distance; red: below {NEAR_COPY_RMS}, a near-copy)",
+                 fontsize=9)
     fig.tight_layout()
     with data.writing(path):
         fig.savefig(path, dpi=110)
@@ -1169,6 +1316,9 @@ def _add_sampler_flags(p):
     p.add_argument("--variance", choices=DDPM.GaussianDiffusion.VARIANCES, help="DDPM's reverse variance")
     p.add_argument("--noise-scale", type=float, help="DDPM's noise scale")
     p.add_argument("--seed", type=int, help="seed of the starting noise (sample: default 0; evaluate: the run's seed + 1)")
+    p.add_argument("--label", help="conditional runs: the class to draw, a number or a name such as Sneaker "
+                                   "(default: every class, one row each)")
+    p.add_argument("--guidance", type=float, help="conditional runs: the guidance scale w (default: the config's)")
 
 
 def config_from_args(args):
@@ -1213,6 +1363,11 @@ def build_parser():
     tc.set_defaults(func=lambda args: train_classifier(args.dataset, epochs=args.epochs))
     ex = sub.add_parser("export", help="regenerate DDPM.py from the cells of DDPM.ipynb marked '#| export'")
     ex.set_defaults(func=cmd_export)
+    cd = sub.add_parser("make-colour-digits", help="write an example folder dataset: coloured MNIST digits as PNGs")
+    cd.add_argument("out", help="a new folder, e.g. runs/colour_digits")
+    cd.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
+    cd.add_argument("--size", type=int, default=32, help="image size (default 32)")
+    cd.set_defaults(func=cmd_make_colour_digits)
     ew = sub.add_parser("export-weights", help="save a run's EMA weights (with its log and config beside them)")
     ew.add_argument("run_dir")
     ew.add_argument("out", help="output .pt file, e.g. data/ddpm_mnist_ema.pt")
@@ -1231,11 +1386,23 @@ def _sampler_args(args, exp):
     _check_count("n", args.n)
     _check_count("steps", args.steps, exp.cfg.timesteps)
     given = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
-                 noise_scale=args.noise_scale, spacing=args.spacing)
+                 noise_scale=args.noise_scale, spacing=args.spacing, guidance=args.guidance,
+                 labels=None if args.label is None else class_index(exp.cfg.dataset, args.label))
     kwargs = {k: v for k, v in given.items() if v is not None}
     if kwargs.get("sampler") == "ddpm":
         kwargs.setdefault("steps", exp.cfg.timesteps)
     return kwargs
+
+
+def class_index(dataset, label):
+    """A class given as a number or a name (case and spaces ignored) -> its index; ConfigError otherwise."""
+    names = data.class_names(dataset) or []
+    plain = lambda text: "".join(ch for ch in text.lower() if ch.isalnum())  # "T-shirt" -> "tshirt"
+    for i, name in enumerate(names):
+        if plain(label) in (str(i), plain(name)):
+            return i
+    raise ConfigError(f"--label {label!r} is not a class of {dataset}: expected 0..{len(names) - 1} or one of "
+                      f"{', '.join(names)}")
 
 
 def cmd_main_job(args):
@@ -1257,17 +1424,23 @@ def cmd_sample(args):
     from torchvision.utils import save_image
     exp = Experiment.from_path(args.source)
     kwargs = _sampler_args(args, exp)
+    label = kwargs.pop("labels", None)
+    if label is None and exp.cfg.conditional:
+        labels, nrow = exp.class_grid(args.n)  # one row per class
+    else:
+        labels, nrow = label, math.ceil(math.sqrt(args.n))
+    n = len(labels) if torch.is_tensor(labels) else args.n
     g = torch.Generator(exp.device).manual_seed(args.seed or 0)
     try:
-        imgs = exp.sample(args.n, generator=g, progress=True, return_all_timesteps=bool(args.gif), **kwargs)
+        imgs = exp.sample(n, generator=g, progress=True, return_all_timesteps=bool(args.gif), labels=labels, **kwargs)
     except ValueError as e:  # an argument the sampler does not take, named by DDPM.sample
         raise ConfigError(str(e)) from None
     if args.gif:
-        save_reverse_process_gif(imgs, args.gif, nrow=math.ceil(math.sqrt(args.n)))
+        save_reverse_process_gif(imgs, args.gif, nrow=nrow)
         imgs = imgs[:, -1]
     with data.writing(args.out):
-        save_image(imgs, args.out, nrow=math.ceil(math.sqrt(args.n)))
-    print(f"wrote {args.n} samples to {args.out}" + (f" and their reverse process to {args.gif}" if args.gif else ""))
+        save_image(imgs, args.out, nrow=nrow)
+    print(f"wrote {n} samples to {args.out}" + (f" and their reverse process to {args.gif}" if args.gif else ""))
 
 
 def cmd_evaluate(args):
@@ -1285,6 +1458,14 @@ def cmd_prepare_data(args):
         for train in (True, False):
             ds = load_dataset(name, train=train, repair=True)
             print(f"{name} {'train' if train else 'test'}: {len(ds)} images in {default_data_root()}")
+
+
+def cmd_make_colour_digits(args):
+    _check_count("n", args.n, 60000)
+    _check_count("size", args.size)
+    written = data.write_colour_digits(args.out, args.n, args.size)
+    print(f"wrote {written} coloured digits ({args.size}x{args.size} RGB PNGs, one folder per class) to {args.out}; "
+          f"train on them with: python experiment.py train --dataset folder:{args.out} --out-dir runs/colour")
 
 
 def cmd_export(args):

@@ -69,6 +69,10 @@ def assert_same_tensors(a, b):
     ("dim", 12, r"config.dim=12 is not allowed: expected a multiple of 8"),
     ("min_snr_gamma", 0, r"config.min_snr_gamma=0 is not allowed: expected a number > 0"),
     ("minutes", -2.0, r"config.minutes=-2.0 is not allowed: expected a number of minutes > 0"),
+    ("cond_drop_prob", 1.0, r"config.cond_drop_prob=1.0 is not allowed: expected a number in \[0, 1\)"),
+    ("guidance", -1.0, r"config.guidance=-1.0 is not allowed: expected a number >= 0"),
+    ("init_weights", "no/such.pt", r"config.init_weights='no/such.pt' is not allowed: expected an existing weights file"),
+    ("conditional", "yes", r"config.conditional='yes' is not allowed: expected true or false"),
 ])
 def test_config_rejects_invalid_values_naming_field_value_and_allowed(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -131,8 +135,8 @@ KILL_SCRIPT = """
 import os, signal, sys
 import experiment
 original = experiment.Experiment.train_step
-def train_step(self, batch):
-    loss = original(self, batch)
+def train_step(self, *args):
+    loss = original(self, *args)
     if self.step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)
     return loss
@@ -143,9 +147,10 @@ sys.exit(experiment.main(["train", "--config", {config!r}, "--no-progress"]))
 
 @pytest.mark.slow
 @pytest.mark.needs_data
-def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
-    write_config(tmp_path / "a.json", tmp_path / "straight")
-    write_config(tmp_path / "b.json", tmp_path / "killed")
+@pytest.mark.parametrize("conditional", [False, True])
+def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, conditional):
+    write_config(tmp_path / "a.json", tmp_path / "straight", conditional=conditional)
+    write_config(tmp_path / "b.json", tmp_path / "killed", conditional=conditional)
     straight = run_python(["experiment.py", "train", "--config", str(tmp_path / "a.json"), "--no-progress"])
     assert straight.returncode == 0, straight.stderr
     killed = run_python(["-c", KILL_SCRIPT.format(kill_at=10, config=str(tmp_path / "b.json"))])
@@ -320,9 +325,10 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.needs_data
-def test_two_process_torchrun_keeps_replicas_identical_and_matches_one_process(tmp_path):
-    write_config(tmp_path / "ddp.json", tmp_path / "ddp", steps=6, checkpoint_every=100)
-    write_config(tmp_path / "one.json", tmp_path / "one", steps=6, checkpoint_every=100)
+@pytest.mark.parametrize("conditional", [False, True])
+def test_two_process_torchrun_keeps_replicas_identical_and_matches_one_process(tmp_path, conditional):
+    write_config(tmp_path / "ddp.json", tmp_path / "ddp", steps=6, checkpoint_every=100, conditional=conditional)
+    write_config(tmp_path / "one.json", tmp_path / "one", steps=6, checkpoint_every=100, conditional=conditional)
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER.format(config=str(tmp_path / "ddp.json"), out=str(tmp_path / "replicas.pt")))
     # --standalone: a free port of its own, so two test suites on one machine do not collide
@@ -736,3 +742,74 @@ def test_config_rejects_sampler_settings_that_do_not_fit(field, value, message):
     with pytest.raises(ConfigError) as err:
         tiny_config("unused", **changes)
     assert message in str(err.value)
+
+
+# ---------------------------------------------------------------- class-conditional runs
+
+@pytest.mark.needs_data
+def test_conditional_run_draws_its_grid_with_one_row_per_class(tmp_path):
+    from PIL import Image
+    run = trained_run(tmp_path, steps=2, conditional=True, num_sample_images=20)
+    width, height = Image.open(run / "samples_final.png").size
+    assert height == 10 * (28 + 2) + 2 and width == 2 * (28 + 2) + 2  # 10 rows of 2 (padding 2)
+
+
+@pytest.mark.needs_data
+def test_conditional_model_learns_that_its_output_depends_on_the_label(tmp_path):
+    exp = Experiment(tiny_config(tmp_path / "run", steps=4, conditional=True))
+    exp.run(progress=False)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 10])
+    model = exp.diffusion.model
+    assert model.class_emb.weight[10].abs().sum() > 0  # "no label" trained away from its zero start
+    assert not torch.allclose(model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1])))
+
+
+@pytest.mark.needs_data
+def test_conditional_run_started_from_unconditional_weights_starts_as_that_model_without_a_label(tmp_path):
+    weights = tmp_path / "uncond_ema.pt"
+    base = tiny_config(tmp_path / "uncond", steps=2)
+    Experiment(base).run(progress=False)
+    experiment.export_weights(tmp_path / "uncond", weights)
+    exp = Experiment(tiny_config(tmp_path / "cond", conditional=True, init_weights=str(weights))).build(4)
+    uncond, _ = experiment.load_weights(weights)
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 20, 40])
+    expected = uncond.model(x, t)
+    assert torch.equal(exp.diffusion.model(x, t, torch.full((3,), 10)), expected)  # 10: "no label"
+    assert not torch.allclose(exp.diffusion.model(x, t, torch.full((3,), 7)), expected)
+
+
+@pytest.mark.needs_data
+def test_conditional_evaluation_reports_the_share_of_the_requested_class(tmp_path):
+    exp = Experiment(tiny_config(tmp_path / "run", steps=2, conditional=True))
+    exp.run(progress=False)
+    result = exp.evaluate(20, steps=2, labels=3, guidance=2.0)
+    assert 0 <= result["requested_class_share"] <= 1 and result["guidance"] == 2.0
+    assert result["requested_class_share"] == pytest.approx(result["class_histogram"][3] / 20)
+
+
+def test_class_names_and_numbers_both_select_a_class():
+    assert experiment.class_index("fashion_mnist", "Sneaker") == 7
+    assert experiment.class_index("fashion_mnist", "t-shirt") == 0
+    assert experiment.class_index("mnist", "7") == 7
+    with pytest.raises(ConfigError, match=r"--label 'Sneaker' is not a class of mnist: expected 0..9"):
+        experiment.class_index("mnist", "Sneaker")
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_cli_samples_one_class_with_guidance_and_rejects_bad_labels(tmp_path):
+    from PIL import Image
+    trained_run(tmp_path, "cond", steps=2, conditional=True, dataset="fashion_mnist")
+    trained_run(tmp_path, "uncond", steps=2)
+    out = tmp_path / "sneakers.png"
+    ok = run_python(["experiment.py", "sample", str(tmp_path / "cond"), "--label", "Sneaker", "--guidance", "3",
+                     "--n", "4", "--steps", "2", "--out", str(out)], timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert Image.open(out).size == (2 * 30 + 2, 2 * 30 + 2)
+    bad = run_python(["experiment.py", "sample", str(tmp_path / "cond"), "--label", "12", "--steps", "2",
+                      "--out", str(tmp_path / "x.png")], timeout=120)
+    one_line_error(bad, "--label '12' is not a class of fashion_mnist")
+    unconditional = run_python(["experiment.py", "sample", str(tmp_path / "uncond"), "--label", "3", "--steps", "2",
+                                "--out", str(tmp_path / "y.png")], timeout=120)
+    one_line_error(unconditional, "unconditional run")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

@@ -58,6 +58,7 @@ class Config:
     image_size: int = 0                  # square images of this size (0 = the dataset's: 28; a folder: 32)
     channels: int = 0                    # 1 (grey) or 3 (RGB); 0 = the data's (a folder: 3 if any image has colour)
     hflip: bool = False                  # flip a random half of each batch left-right (augmentation)
+    augment: bool = False                # random crops: images prepared 1/8 larger, cropped anew each step
     # model (DDPM.Unet)
     dim: int = 32
     dim_mults: tuple = (1, 2, 4)
@@ -164,8 +165,7 @@ class Config:
             self._fail("channels", "expected 1 (greyscale), 3 (RGB) or 0 (the data's)")
         if self.image_size and self.image_size < 8:
             self._fail("image_size", "expected 0 (the dataset's size) or a size >= 8")
-        size = self.image_size or (data.FOLDER_IMAGE_SIZE if data.is_folder(self.dataset)
-                                   else data.IMAGE_SHAPE[self.dataset][-1])
+        size = self.size
         factor, halvings = 2 ** (len(self.dim_mults) - 1), (size & -size).bit_length() - 1
         if size % factor:
             times = {0: "not at all", 1: "only once", 2: "at most twice"}.get(halvings, f"at most {halvings} times")
@@ -212,6 +212,12 @@ class Config:
             self._fail("sample_eta", f"eta is DDIM's; sampler {self.sampler!r} takes none: expected 0")
         if self.guidance < 0:
             self._fail("guidance", "expected a number >= 0 (0 = unconditional, 1 = conditional without guidance)")
+
+    @property
+    def size(self):
+        """The height and width of the images the model sees: image_size, else the dataset's own."""
+        return self.image_size or (data.FOLDER_IMAGE_SIZE if data.is_folder(self.dataset)
+                                   else data.IMAGE_SHAPE[self.dataset][-1])
 
     @property
     def num_classes(self):
@@ -627,7 +633,7 @@ class Experiment:
         """Training FLOPs per image (forward + backward), counted once on two images."""
         def loss():
             with autocast(self.device, self.precision):
-                return self.diffusion(x[:2].float() / 255)
+                return self.diffusion(self.centre_crop(x[:2].float() / 255))
         forward, backward = count_training_flops(loss, 2)
         self.diffusion.zero_grad(set_to_none=True)
         return forward + backward
@@ -642,10 +648,12 @@ class Experiment:
         """
         cfg, B = self.cfg, self.cfg.batch_size
         t_all = torch.randint(0, cfg.timesteps, (B,), device=self.device)
-        noise_all = torch.randn((B, *batch_u8.shape[1:]), device=self.device)
+        noise_all = torch.randn((B, self.diffusion.channels, *self.diffusion.image_size), device=self.device)
         share = slice(self.rank, None, self.world)
         t, noise = t_all[share], noise_all[share]
         x = batch_u8.to(self.device, non_blocking=True).float().div_(255)
+        if cfg.augment:
+            x = self._random_crop(x, B, share)
         if cfg.hflip:  # drawn for the global batch, like t and noise
             flip = (torch.rand(B, device=self.device) < 0.5)[share]
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -666,6 +674,22 @@ class Experiment:
         self.ema.update_parameters(self.diffusion)
         self.step += 1
         return loss.detach()
+
+    def _random_crop(self, x, B, share):
+        """A random window of the model's size from each (larger) image; the offsets are drawn for
+        the global batch, like t and noise."""
+        size = self.diffusion.image_size[0]
+        offsets = torch.randint(0, x.shape[-1] - size + 1, (2, B), device=self.device)[:, share]
+        window = torch.arange(size, device=self.device)
+        rows = (offsets[0, :, None] + window)[:, :, None]              # (b, size, 1)
+        cols = (offsets[1, :, None] + window)[:, None, :]              # (b, 1, size)
+        image = torch.arange(len(x), device=self.device)[:, None, None]
+        return x[image, :, rows, cols].permute(0, 3, 1, 2)             # indexing puts channels last
+
+    def centre_crop(self, x):
+        """The central window of the model's size (the whole image unless the run augments)."""
+        size, margin = self.diffusion.image_size[0], x.shape[-1] - self.diffusion.image_size[0]
+        return x[..., margin // 2:margin // 2 + size, margin // 2:margin // 2 + size]
 
     def _loader(self, dataset, epoch):
         from torch.utils.data import DataLoader, DistributedSampler
@@ -724,19 +748,25 @@ class Experiment:
             torch.distributed.barrier()
         return self.results()
 
+    def prepared_size(self):
+        """The size images are prepared at: the model's, or 1/8 larger for random crops."""
+        size = self.cfg.size
+        return size + size // 8 if self.cfg.augment else size
+
     def training_images(self):
-        """The run's training images (uint8, at the run's shape), for the memorisation check."""
-        return data.training_images(self.cfg.dataset, self.cfg.image_size, self.cfg.channels,
-                                    limit=self.cfg.train_subset or None)[0]
+        """The run's training images (uint8, at the model's shape), for the memorisation check."""
+        images = data.training_images(self.cfg.dataset, self.prepared_size(), self.cfg.channels,
+                                      limit=self.cfg.train_subset or None)[0]
+        return self.centre_crop(images) if self.cfg.augment else images
 
     def load_training_data(self):
         """The training images (uint8 (N, C, H, W)); their labels go to self._labels, for a conditional run."""
         given = self._data
         if given is None:
-            images, labels = data.training_images(self.cfg.dataset, self.cfg.image_size, self.cfg.channels,
+            images, labels = data.training_images(self.cfg.dataset, self.prepared_size(), self.cfg.channels,
                                                   limit=self.cfg.train_subset or None)
             if data.is_folder(self.cfg.dataset):  # the run's config records the shape it trained at
-                self.cfg = self.cfg.replace(image_size=images.shape[-1], channels=images.shape[1])
+                self.cfg = self.cfg.replace(image_size=self.cfg.size, channels=images.shape[1])
         else:
             images, labels = given if isinstance(given, (tuple, list)) else (given, None)
         if self.cfg.conditional and labels is None:

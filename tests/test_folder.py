@@ -129,10 +129,11 @@ def test_mnist_at_another_size_and_in_colour_flows_to_the_unet_and_the_samples(t
     assert diffusion.sample(2, sampling_steps=2, sampler="ddim", progress=False).shape == (2, 3, 32, 32)
 
 
-def test_a_colour_folder_trains_samples_and_checks_for_memorisation(tmp_path):
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_colour_folder_trains_samples_and_checks_for_memorisation(tmp_path, augment):
     write_images(tmp_path / "pics", 40)
     cfg = folder_config(tmp_path / "pics", tmp_path / "run", steps=2, batch_size=8, eval_samples=12, eval_steps=2,
-                        num_sample_images=4, gif=True)
+                        num_sample_images=4, gif=True, augment=augment, hflip=augment)
     Experiment(cfg).run(progress=False)
     saved = experiment.Config.load(tmp_path / "run" / "config.json")
     assert (saved.image_size, saved.channels) == (16, 3)  # the run records the shape it trained at
@@ -179,3 +180,19 @@ def test_make_colour_digits_writes_an_image_folder_and_refuses_a_full_one(tmp_pa
     assert data.folder_classes(out) is not None
     again = run_python(["experiment.py", "make-colour-digits", str(out), "--n", "20"], timeout=120)
     one_line_error(again, "already holds files")
+
+
+def test_random_crops_are_windows_of_the_larger_prepared_images(tmp_path):
+    write_images(tmp_path / "pics", 8)
+    cfg = folder_config(tmp_path / "pics", tmp_path / "run", augment=True, batch_size=8)
+    exp = Experiment(cfg)
+    images = exp.load_training_data()
+    assert images.shape[-1] == 16 + 16 // 8   # prepared 1/8 larger than the model's 16
+    exp.build(1)
+    x = images.float() / 255
+    crops = exp._random_crop(x, 8, slice(0, None, 1))
+    assert crops.shape == (8, 3, 16, 16)
+    for image, crop in zip(x, crops):  # each crop is some window of its own image
+        windows = image.unfold(1, 16, 1).unfold(2, 16, 1)            # (3, 3, 3, 16, 16)
+        assert any(torch.equal(windows[:, i, j], crop) for i in range(3) for j in range(3))
+    assert torch.equal(exp.centre_crop(x), x[..., 1:17, 1:17])

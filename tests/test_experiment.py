@@ -71,7 +71,6 @@ def assert_same_tensors(a, b):
     ("minutes", -2.0, r"config.minutes=-2.0 is not allowed: expected a number of minutes > 0"),
     ("cond_drop_prob", 1.0, r"config.cond_drop_prob=1.0 is not allowed: expected a number in \[0, 1\)"),
     ("guidance", -1.0, r"config.guidance=-1.0 is not allowed: expected a number >= 0"),
-    ("init_weights", "no/such.pt", r"config.init_weights='no/such.pt' is not allowed: expected an existing weights file"),
     ("conditional", "yes", r"config.conditional='yes' is not allowed: expected true or false"),
 ])
 def test_config_rejects_invalid_values_naming_field_value_and_allowed(field, value, message):
@@ -813,3 +812,10 @@ def test_cli_samples_one_class_with_guidance_and_rejects_bad_labels(tmp_path):
                                 "--out", str(tmp_path / "y.png")], timeout=120)
     one_line_error(unconditional, "unconditional run")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_a_missing_init_weights_file_stops_the_run_before_it_writes_anything(tmp_path):
+    cfg = tiny_config(tmp_path / "run", init_weights="no/such.pt")   # a config may name it (shipped ones do)
+    with pytest.raises(ConfigError, match=r"config.init_weights='no/such.pt' is not allowed: expected an existing"):
+        Experiment(cfg).build(1)
+    assert not (tmp_path / "run").exists()

@@ -219,8 +219,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     cfg = tiny_config(tmp_path / "nan")
     original = experiment.Experiment.train_step
 
-    def poisoned(self, batch):
-        loss = original(self, batch)
+    def poisoned(self, *args):
+        loss = original(self, *args)
         if self.step >= 6:
             for p in self.diffusion.parameters():
                 p.data.fill_(float("nan"))
@@ -239,8 +239,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "interrupted")
     original = experiment.Experiment.train_step
 
-    def interrupt_at_step_7(self, batch):
-        loss = original(self, batch)
+    def interrupt_at_step_7(self, *args):
+        loss = original(self, *args)
         if self.step == 7:
             raise KeyboardInterrupt
         return loss
@@ -596,8 +596,10 @@ def test_shipped_weights_load_and_sample_like_a_model_built_by_hand(weights):
     diffusion, cfg = experiment.load_weights(weights)
     by_hand = experiment.build_diffusion(Config.load(experiment.weights_files(weights)[0]))
     by_hand.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    a = diffusion.sample(4, sampling_steps=3, generator=torch.Generator().manual_seed(1), progress=False)
-    b = by_hand.eval().sample(4, sampling_steps=3, generator=torch.Generator().manual_seed(1), progress=False)
+    labels = dict(labels=torch.arange(4)) if cfg.conditional else {}   # a conditional model draws classes
+    a = diffusion.sample(4, sampling_steps=3, generator=torch.Generator().manual_seed(1), progress=False, **labels)
+    b = by_hand.eval().sample(4, sampling_steps=3, generator=torch.Generator().manual_seed(1), progress=False,
+                              **labels)
     assert torch.equal(a, b) and a.shape == (4, *data.IMAGE_SHAPE[cfg.dataset])
 
 
@@ -686,9 +688,9 @@ def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monke
     clock = [0.0]
     original = experiment.Experiment.train_step
 
-    def half_a_second(self, batch):
+    def half_a_second(self, *args):
         clock[0] += 0.5
-        return original(self, batch)
+        return original(self, *args)
 
     monkeypatch.setattr(experiment.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(experiment.Experiment, "train_step", half_a_second)

@@ -1269,6 +1269,83 @@ def side_by_side(images, path):
 
 
 
+# ================================================================================================
+# The sampler frontier: sample quality against network evaluations
+# ================================================================================================
+
+FRONTIER_SAMPLERS = {  # the few-step samplers compared, by display name
+    "DDIM eta=0": dict(sampler="ddim", eta=0.0),
+    "DDIM eta=1": dict(sampler="ddim", eta=1.0),
+    "DPM-Solver++(2M)": dict(sampler="dpm++2m"),
+    "SDE-DPM-Solver++(2M)": dict(sampler="dpm++2m-sde"),
+}
+
+
+def sampler_frontier(source, path, n=1000, nfes=(10, 20, 50, 100), spacing_nfes=(10, 20), seed=0, batch=500,
+                     log=print):
+    """Score the weights in `source` (a run directory or a weights file) with every few-step sampler of
+    FRONTIER_SAMPLERS at each count of network evaluations in `nfes` (at the sampler's default spacing),
+    with every spacing at `spacing_nfes`, and with DDPM over every timestep as the reference: `n`
+    samples per set, all drawn from the same starting noise (`seed`), so the sets differ only by sampler.
+
+    The result (JSON, see the keys below) is rewritten after every set, so a killed measurement resumes
+    where it stopped: sets already in `path` under the same settings are not drawn again.
+    Returns the result dict.
+    """
+    exp = Experiment.from_path(source)
+    if exp.cfg.conditional:
+        raise ConfigError(f"{source} is a conditional model: the frontier compares unconditional samplers")
+    T = exp.cfg.timesteps
+    if not all(isinstance(k, int) and 1 <= k < T for k in (*nfes, *spacing_nfes)):
+        raise ConfigError(f"network evaluations {(*nfes, *spacing_nfes)} are not allowed: the few-step samplers "
+                          f"take 1..{T - 1} each (DDPM, the reference, takes all {T})")
+    settings = dict(source=str(source), n_samples=n, seed=seed, batch=batch, precision=exp.precision,
+                    device=str(exp.device), device_name=device_name(exp.device))
+    done = {}
+    if Path(path).exists():
+        previous = json.loads(Path(path).read_text())
+        if {k: previous.get(k) for k in settings} == settings:
+            done = {(r["sampler"], r["nfe"], r["spacing"]): r for r in [previous["reference"], *previous["rows"]] if r}
+    result = dict(settings, complete=False, default_spacings=DDPM.GaussianDiffusion.DEFAULT_SPACINGS,
+                  fid_floor=None, reference=None, rows=[], lowest_fid_spacing={})
+
+    def score(name, nfe, spacing_label, **sampler_args):
+        key = (name, nfe, spacing_label)
+        if key not in done:
+            t0 = time.perf_counter()
+            r = exp.evaluate(n, steps=nfe, seed=seed, batch=batch, **sampler_args)
+            done[key] = dict(sampler=name, nfe=nfe, spacing=spacing_label,
+                             ms_per_image=round(r["sample_time_per_image_s"] * 1000, 2), fid=r["fid"],
+                             fid_floor=r["fid_floor"], fid_over_floor=r["fid_over_floor"],
+                             confident_share=r["confident_share"], class_share_min=r["class_share_min"],
+                             class_share_max=r["class_share_max"])
+            log(f"{name:21s} {spacing_label:10s} NFE {nfe:4d}: FID {r['fid']:7.2f} (floor {r['fid_floor']:.2f}), "
+                f"confident {r['confident_share']:.3f}, {done[key]['ms_per_image']:.1f} ms/image "
+                f"({time.perf_counter() - t0:.0f} s)")
+        return done[key]
+
+    def save():
+        data.atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+
+    result["reference"] = score("DDPM", T, "every step", sampler="ddpm")
+    result["fid_floor"] = result["reference"]["fid_floor"]
+    save()
+    for name, sampler_args in FRONTIER_SAMPLERS.items():
+        default = DDPM.GaussianDiffusion.DEFAULT_SPACINGS[sampler_args["sampler"]]
+        for nfe, spacing in [(nfe, default) for nfe in nfes] + [
+                (nfe, sp) for nfe in spacing_nfes for sp in DDPM.GaussianDiffusion.SPACINGS if sp != default]:
+            result["rows"].append(score(name, nfe, spacing, spacing=spacing, **sampler_args))
+            save()
+        for nfe in spacing_nfes:
+            rows = [r for r in result["rows"] if r["sampler"] == name and r["nfe"] == nfe]
+            result["lowest_fid_spacing"][f"{name} @ {nfe}"] = min(rows, key=lambda r: r["fid"])["spacing"]
+    result["complete"] = True
+    save()
+    return result
+
+
+
+
 
 # ================================================================================================
 # DDPM.ipynb -> DDPM.py
@@ -1398,6 +1475,18 @@ def build_parser():
     cd.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
     cd.add_argument("--size", type=int, default=32, help="image size (default 32)")
     cd.set_defaults(func=cmd_make_colour_digits)
+    fr = sub.add_parser("frontier", help="FID against network evaluations for every few-step sampler, with "
+                                         "DDPM over every step as the reference (resumes an interrupted measurement)")
+    fr.add_argument("source", metavar="RUN_OR_WEIGHTS", help="a run directory or weights file of an unconditional model")
+    fr.add_argument("--out", required=True, help="the result JSON, e.g. data/DDPM_sampler_frontier.json")
+    fr.add_argument("--n", type=int, default=1000, help="samples per set (default 1000)")
+    fr.add_argument("--nfes", type=int, nargs="+", default=[10, 20, 50, 100],
+                    help="network evaluations per sample at each sampler's default spacing")
+    fr.add_argument("--spacing-nfes", type=int, nargs="+", default=[10, 20],
+                    help="network evaluations at which every spacing is compared")
+    fr.add_argument("--seed", type=int, default=0, help="seed of the starting noise, the same for every set")
+    fr.add_argument("--batch", type=int, default=500, help="images per sampling batch")
+    fr.set_defaults(func=cmd_frontier)
     ew = sub.add_parser("export-weights", help="save a run's EMA weights (with its log and config beside them)")
     ew.add_argument("run_dir")
     ew.add_argument("out", help="output .pt file, e.g. data/ddpm_mnist_ema.pt")
@@ -1496,6 +1585,14 @@ def cmd_make_colour_digits(args):
     written = data.write_colour_digits(args.out, args.n, args.size)
     print(f"wrote {written} coloured digits ({args.size}x{args.size} RGB PNGs, one folder per class) to {args.out}; "
           f"train on them with: python experiment.py train --dataset folder:{args.out} --out-dir runs/colour")
+
+
+def cmd_frontier(args):
+    _check_count("n", args.n)
+    _check_count("batch", args.batch)
+    sampler_frontier(args.source, args.out, n=args.n, nfes=tuple(args.nfes), spacing_nfes=tuple(args.spacing_nfes),
+                     seed=args.seed, batch=args.batch)
+    print(f"wrote {args.out}")
 
 
 def cmd_export(args):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import DDPM
 import data
 import experiment
 from experiment import Config, ConfigError, Experiment, ExperimentManager
@@ -358,6 +359,8 @@ def test_two_process_torchrun_keeps_replicas_identical_and_matches_one_process(t
     (["train", "--config", "no/such/config.json"], "config file no/such/config.json does not exist"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["sample", "no/such/run"], "no/such/run holds no checkpoint.pt"),
+    (["frontier", "data/ddpm_mnist_ema.pt", "--out", "x.json", "--n", "0"], "--n=0 is not allowed"),
+    (["frontier", "data/cond_mnist_ema.pt", "--out", "x.json"], "is a conditional model"),
 ])
 def test_cli_bad_usage_exits_2_with_one_line(args, message):
     result = run_python(["experiment.py", *args], timeout=120)
@@ -369,7 +372,7 @@ def test_cli_bad_usage_exits_2_with_one_line(args, message):
 def test_cli_help_documents_the_commands():
     result = run_python(["experiment.py", "--help"], timeout=120)
     assert result.returncode == 0
-    for command in ("train", "resume", "sample", "evaluate", "prepare-data", "train-classifier", "export"):
+    for command in ("train", "resume", "sample", "evaluate", "frontier", "prepare-data", "train-classifier", "export"):
         assert command in result.stdout
 
 
@@ -821,3 +824,68 @@ def test_a_missing_init_weights_file_stops_the_run_before_it_writes_anything(tmp
     with pytest.raises(ConfigError, match=r"config.init_weights='no/such.pt' is not allowed: expected an existing"):
         Experiment(cfg).build(1)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the sampler frontier
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    Experiment(tiny_config(tmp_path / "run", steps=2)).run(progress=False)
+    experiment.export_weights(tmp_path / "run", tmp_path / "tiny_ema.pt")
+    return tmp_path / "tiny_ema.pt"
+
+
+@pytest.mark.needs_data
+def test_frontier_scores_every_sampler_and_spacing_against_the_ddpm_reference(tiny_weights, tmp_path):
+    out = tmp_path / "frontier.json"
+    result = experiment.sampler_frontier(tiny_weights, out, n=8, nfes=(2, 4), spacing_nfes=(2,), batch=8, log=lambda line: None)
+    spacings = DDPM.GaussianDiffusion.SPACINGS
+    assert result["complete"] and json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert (result["reference"]["sampler"], result["reference"]["nfe"]) == ("DDPM", TINY["timesteps"])
+    expected = {(name, nfe, DDPM.GaussianDiffusion.DEFAULT_SPACINGS[kw["sampler"]]) for name, kw in
+                experiment.FRONTIER_SAMPLERS.items() for nfe in (2, 4)}
+    expected |= {(name, 2, sp) for name in experiment.FRONTIER_SAMPLERS for sp in spacings}
+    assert {(r["sampler"], r["nfe"], r["spacing"]) for r in result["rows"]} == expected
+    assert len(result["rows"]) == len(expected)
+    assert set(result["lowest_fid_spacing"]) == {f"{name} @ 2" for name in experiment.FRONTIER_SAMPLERS}
+    for key, spacing in result["lowest_fid_spacing"].items():
+        name = key.split(" @ ")[0]
+        rows = [r for r in result["rows"] if r["sampler"] == name and r["nfe"] == 2]
+        assert min(r["fid"] for r in rows) == next(r["fid"] for r in rows if r["spacing"] == spacing)
+
+
+@pytest.mark.needs_data
+def test_frontier_interrupted_resumes_without_drawing_the_finished_sets_again(tiny_weights, tmp_path, monkeypatch):
+    out = tmp_path / "frontier.json"
+    kwargs = dict(n=8, nfes=(2,), spacing_nfes=(), batch=8, log=lambda line: None)
+    full = experiment.sampler_frontier(tiny_weights, tmp_path / "uninterrupted.json", **kwargs)
+    calls, stop_at = [], [3]   # Ctrl-C during the third set: the reference and one set are done
+    real_evaluate = Experiment.evaluate
+
+    def evaluate_then_stop(self, *args, **kw):
+        calls.append(kw.get("sampler"))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real_evaluate(self, *args, **kw)
+
+    monkeypatch.setattr(Experiment, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.sampler_frontier(tiny_weights, out, **kwargs)
+    partial = json.loads(out.read_text())
+    assert not partial["complete"] and len(partial["rows"]) == 1   # the reference and one set were saved
+    calls.clear()
+    stop_at[0] = None
+    resumed = experiment.sampler_frontier(tiny_weights, out, **kwargs)
+    assert len(calls) == len(experiment.FRONTIER_SAMPLERS) - 1       # only the sets not yet saved
+    strip = lambda r: {k: v for k, v in r.items() if k != "ms_per_image"}
+    assert [strip(r) for r in resumed["rows"]] == [strip(r) for r in full["rows"]]
+    assert strip(resumed["reference"]) == strip(full["reference"])
+
+
+@pytest.mark.needs_data
+def test_frontier_rejects_evaluation_counts_the_samplers_cannot_take_and_writes_nothing(tiny_weights, tmp_path):
+    out = tmp_path / "frontier.json"
+    for nfes in [(0,), (TINY["timesteps"],)]:
+        with pytest.raises(ConfigError, match=r"network evaluations .* are not allowed: the few-step samplers take 1..49"):
+            experiment.sampler_frontier(tiny_weights, out, n=8, nfes=nfes, spacing_nfes=())
+    assert not out.exists()

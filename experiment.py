@@ -74,11 +74,13 @@ class Config:
     cond_drop_prob: float = 0.1          # share of training labels replaced by "no label"
     guidance: float = 2.0                # guidance scale w of the run's pictures and evaluation (1 = no guidance)
     init_weights: str = None             # a weights file (.pt) to start from, e.g. to fine-tune (None = random)
+    class_names: tuple = ()              # a folder's classes, recorded when a conditional run first loads it
+                                         # (so its weights sample without the folder); () = the dataset's
     # optimisation
     batch_size: int = 128                # global batch, split across processes under torchrun
     lr: float = 1e-3
     lr_schedule: str = "cosine"          # "constant" or "cosine" (to lr/10), after a linear warm-up
-    warmup_steps: int = 200
+    warmup_steps: int = 200              # linear warm-up (at most a fifth of the run's steps)
     weight_decay: float = 0.0
     grad_clip: float = 1.0               # max gradient norm (0 = off)
     steps: int = 1500                    # training length in optimizer steps ...
@@ -161,6 +163,11 @@ class Config:
         if not (isinstance(self.dim_mults, (tuple, list)) and self.dim_mults
                 and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.dim_mults)):
             self._fail("dim_mults", "expected a non-empty list of positive integers, such as [1, 2, 4]")
+        if not (isinstance(self.class_names, (tuple, list)) and all(isinstance(n, str) and n for n in self.class_names)
+                and len(set(self.class_names)) == len(self.class_names) != 1):
+            self._fail("class_names", "expected distinct non-empty names, at least two (or none: the dataset's)")
+        if self.class_names and not data.is_folder(self.dataset):
+            self._fail("class_names", f"{self.dataset}'s classes are built in: expected none")
         if self.channels not in (0, 1, 3):
             self._fail("channels", "expected 1 (greyscale), 3 (RGB) or 0 (the data's)")
         if self.image_size and self.image_size < 8:
@@ -222,11 +229,15 @@ class Config:
         """The number of classes a conditional model is conditioned on (None: unconditional)."""
         if not self.conditional:
             return None
-        names = data.class_names(self.dataset)
+        names = self.classes()
         if not names:
             raise ConfigError(f"config.conditional=True is not allowed for {self.dataset}: its images are not "
                               f"sorted into class subfolders (PATH/<class>/<image>, at least two classes)")
         return len(names)
+
+    def classes(self):
+        """The class names: those recorded in the config, else the dataset's (None: no classes)."""
+        return list(self.class_names) if self.class_names else data.class_names(self.dataset)
 
     def to_dict(self):
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -239,8 +250,9 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; allowed fields: {sorted(names)}")
         d = dict(d)
-        if isinstance(d.get("dim_mults"), list):
-            d["dim_mults"] = tuple(d["dim_mults"])
+        for name in ("dim_mults", "class_names"):
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
         return cls(**d).validate()
 
     def save(self, path):
@@ -384,13 +396,22 @@ def ema_avg_fn(decay, power=0.0):
     return avg
 
 
+def warmup_length(cfg, total_steps):
+    """The warm-up actually used: `warmup_steps`, but at most a fifth of the run, so that a short run
+    (a small time budget on a slow machine) does not spend itself warming up."""
+    return min(cfg.warmup_steps, max(1, total_steps // 5))
+
+
 def lr_lambda(cfg, total_steps):
+    """The learning-rate factor per step: a linear warm-up, then constant or a cosine decay to lr/10."""
+    warmup = warmup_length(cfg, total_steps)
+
     def factor(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if cfg.lr_schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
@@ -765,14 +786,26 @@ class Experiment:
         if given is None:
             images, labels = data.training_images(self.cfg.dataset, self.prepared_size(), self.cfg.channels,
                                                   limit=self.cfg.train_subset or None)
-            if data.is_folder(self.cfg.dataset):  # the run's config records the shape it trained at
-                self.cfg = self.cfg.replace(image_size=self.cfg.size, channels=images.shape[1])
+            if data.is_folder(self.cfg.dataset):  # the run's config records the shape and classes it trained on
+                self.cfg = self.cfg.replace(image_size=self.cfg.size, channels=images.shape[1],
+                                            class_names=self._folder_classes())
         else:
             images, labels = given if isinstance(given, (tuple, list)) else (given, None)
         if self.cfg.conditional and labels is None:
             raise ConfigError("config.conditional=True is not allowed here: the training images came without labels")
         self._labels = labels if self.cfg.conditional else None
         return images
+
+    def _folder_classes(self):
+        """The folder's class names for a conditional run (checked against those its config recorded)."""
+        if not self.cfg.conditional:
+            return ()
+        found = tuple(data.class_names(self.cfg.dataset) or ())
+        if self.cfg.class_names and tuple(self.cfg.class_names) != found:
+            raise ConfigError(f"the class subfolders of {data.folder_path(self.cfg.dataset)} are now {list(found)}, "
+                              f"but this run was trained on {list(self.cfg.class_names)}: restore them, or train a "
+                              f"new run (another --out-dir)")
+        return found
 
     def train(self, images, progress=True):
         """The training loop: steps, with a log line, a checkpoint and a sample grid when they are due."""
@@ -1281,8 +1314,12 @@ FRONTIER_SAMPLERS = {  # the few-step samplers compared, by display name
 }
 
 
+def _print_now(line):
+    print(line, flush=True)  # a long measurement's log, readable while it runs (even redirected to a file)
+
+
 def sampler_frontier(source, path, n=1000, nfes=(10, 20, 50, 100), spacing_nfes=(10, 20), seed=0, batch=500,
-                     log=print):
+                     log=_print_now):
     """Score the weights in `source` (a run directory or a weights file) with every few-step sampler of
     FRONTIER_SAMPLERS at each count of network evaluations in `nfes` (at the sampler's default spacing),
     with every spacing at `spacing_nfes`, and with DDPM over every timestep as the reference: `n`
@@ -1406,6 +1443,8 @@ def _add_config_flags(p):
         if f.name == "dim_mults":
             p.add_argument("--dim-mults", type=int, nargs="+", help="channel multipliers per level, e.g. 1 2 4")
             continue
+        if f.name == "class_names":  # recorded by a folder run, not chosen
+            continue
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, metavar=f.type.__name__.upper(),
                        help=f"default: {f.default!r}" + (f"; one of {Config.CHOICES[f.name]}"
                                                          if f.name in Config.CHOICES else ""))
@@ -1433,7 +1472,7 @@ def config_from_args(args):
     for f in dataclasses.fields(Config):
         value = getattr(args, f.name, None)
         if value is not None:
-            base[f.name] = tuple(value) if f.name == "dim_mults" else value
+            base[f.name] = tuple(value) if isinstance(value, list) else value
     return Config.from_dict(base)
 
 
@@ -1506,16 +1545,17 @@ def _sampler_args(args, exp):
     _check_count("steps", args.steps, exp.cfg.timesteps)
     given = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
                  noise_scale=args.noise_scale, spacing=args.spacing, guidance=args.guidance,
-                 labels=None if args.label is None else class_index(exp.cfg.dataset, args.label))
+                 labels=None if args.label is None else class_index(exp.cfg.dataset, args.label, exp.cfg.classes()))
     kwargs = {k: v for k, v in given.items() if v is not None}
     if kwargs.get("sampler") == "ddpm":
         kwargs.setdefault("steps", exp.cfg.timesteps)
     return kwargs
 
 
-def class_index(dataset, label):
-    """A class given as a number or a name (case and spaces ignored) -> its index; ConfigError otherwise."""
-    names = data.class_names(dataset) or []
+def class_index(dataset, label, names=None):
+    """A class given as a number or a name (case and spaces ignored) -> its index; ConfigError otherwise.
+    `names`: the classes (default: the dataset's)."""
+    names = names or data.class_names(dataset) or []
     plain = lambda text: "".join(ch for ch in text.lower() if ch.isalnum())  # "T-shirt" -> "tshirt"
     for i, name in enumerate(names):
         if plain(label) in (str(i), plain(name)):

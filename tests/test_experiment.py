@@ -183,6 +183,16 @@ def test_finished_run_extended_to_more_steps_continues_from_its_checkpoint(tmp_p
     assert rows[8]["lr"] == pytest.approx(short.lr * 0.1)  # the short run had decayed to lr/10
 
 
+@pytest.mark.parametrize("total_steps,warmup", [(5000, 200), (1000, 200), (600, 120), (208, 41), (3, 1)])
+def test_warm_up_takes_at_most_a_fifth_of_the_run(total_steps, warmup):
+    cfg = Config.from_dict({**TINY, "out_dir": "unused", "warmup_steps": 200, "lr_schedule": "cosine"})
+    factor = experiment.lr_lambda(cfg, total_steps)
+    assert experiment.warmup_length(cfg, total_steps) == warmup
+    assert [factor(s) for s in (0, warmup - 1)] == [pytest.approx(1 / warmup), 1.0]   # linear up to the full rate
+    assert factor(warmup) == pytest.approx(1.0)                                     # then the cosine decay starts
+    assert factor(total_steps) == pytest.approx(0.1)                                # and ends at lr / 10
+
+
 TORN_WRITE_SCRIPT = """
 import errno, os, signal, sys
 import data, experiment

@@ -119,6 +119,42 @@ def test_conditional_training_needs_class_subfolders(tmp_path):
         experiment.build_diffusion(folder_config(tmp_path / "flat", tmp_path / "run", conditional=True))
 
 
+def test_a_conditional_folder_run_samples_its_classes_after_the_folder_is_gone(tmp_path):
+    write_images(tmp_path / "pics", 12, classes=("cats", "dogs", "owls"))
+    cfg = folder_config(tmp_path / "pics", tmp_path / "run", steps=2, batch_size=6, conditional=True,
+                        eval_samples=0, num_sample_images=3)
+    Experiment(cfg).run(progress=False)
+    experiment.export_weights(tmp_path / "run", tmp_path / "pets_ema.pt")
+    assert experiment.Config.load(tmp_path / "run" / "config.json").class_names == ("cats", "dogs", "owls")
+    for f in (tmp_path / "pics").rglob("*.png"):
+        f.unlink()                                   # another machine: the weights, not the folder
+    exp = Experiment.from_weights(tmp_path / "pets_ema.pt")
+    assert exp.diffusion.num_classes == 3
+    assert experiment.class_index(exp.cfg.dataset, "Owls", exp.cfg.classes()) == 2
+    assert exp.sample(3, steps=2, labels=torch.tensor([0, 1, 2]), guidance=2.0).shape == (3, 3, 16, 16)
+
+
+def test_a_folder_whose_classes_changed_does_not_resume_a_conditional_run(tmp_path):
+    write_images(tmp_path / "pics", 8)
+    cfg = folder_config(tmp_path / "pics", tmp_path / "run", steps=2, batch_size=4, conditional=True,
+                        eval_samples=0, num_sample_images=2)
+    Experiment(cfg).run(progress=False)
+    write_images(tmp_path / "pics", 3, classes=("birds",), seed=1)
+    saved = experiment.Config.load(tmp_path / "run" / "config.json").replace(steps=4)
+    with pytest.raises(ConfigError, match=r"class subfolders of .* are now \['birds', 'cats', 'dogs'\], but this run "
+                                          r"was trained on \['cats', 'dogs'\]"):
+        Experiment(saved).run(progress=False)
+
+
+@pytest.mark.parametrize("names,message", [
+    (["cats"], "at least two"), (["cats", "cats"], "distinct"), (["cats", ""], "non-empty")])
+def test_recorded_class_names_are_checked(tmp_path, names, message):
+    with pytest.raises(ConfigError, match=f"config.class_names=.* is not allowed: .*{message}"):
+        folder_config(tmp_path / "pics", tmp_path / "run", class_names=names)
+    with pytest.raises(ConfigError, match="mnist's classes are built in"):
+        experiment.Config.from_dict({**TINY, "out_dir": "unused", "class_names": ["a", "b"]})
+
+
 @pytest.mark.needs_data
 def test_mnist_at_another_size_and_in_colour_flows_to_the_unet_and_the_samples(tmp_path):
     images, labels = data.training_images("mnist", image_size=32, channels=3, limit=5)

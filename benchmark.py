@@ -1,6 +1,11 @@
-"""Speed benchmark: our DDPM.Unet against diffusers' UNet2DModel at a matched parameter count.
+"""Speed benchmark: our DDPM.Unet against its peers at a matched parameter count.
 
-One run on one machine measures, for both networks at 28x28x1 and batch 64:
+The peers (PEERS below) are diffusers' UNet2DModel and denoising-diffusion-pytorch's Unet
+(lucidrains), each at the constructor arguments whose parameter count is nearest ours at the
+default experiment config. denoising-diffusion-pytorch is optional: where it cannot be imported,
+its peer is skipped with a note.
+
+One run on one machine measures, for every network at 28x28x1 and batch 64:
 
   * training throughput (images/s, median over repeated steps after warm-up) per precision
     setting (float32, bfloat16 autocast where supported, optionally channels_last and torch.compile);
@@ -12,8 +17,10 @@ One run on one machine measures, for both networks at 28x28x1 and batch 64:
 
 Ours is timed through the real training path, `experiment.Experiment.train_step` (fused AdamW,
 gradient clipping, LR schedule and EMA update, exactly as `experiment.py train` runs it).
-Diffusers is timed twice: as its documentation shows it (default AdamW, `unet(x, t).sample`, MSE),
-and "matched": with the same fused AdamW, clipping, LR schedule and EMA update as ours.
+Each peer is timed twice: as its documentation shows it (default AdamW, `unet(x, t)`, MSE against
+the noise), and "matched": with the same fused AdamW, clipping, LR schedule and EMA update as ours.
+Every peer adds noise with diffusers' DDPMScheduler and samples with its DDIMScheduler, so that
+the peers differ only in the network.
 
     python benchmark.py                  # the full benchmark (a few minutes on 2 CPU cores)
     python benchmark.py --quick          # smoke test: very few steps
@@ -36,6 +43,7 @@ memory numbers of one model cannot leak into another's.
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -207,14 +215,6 @@ def cpu_flags():
     return []
 
 
-def diffusers_version():
-    try:
-        import diffusers
-        return diffusers.__version__
-    except ImportError:
-        return None
-
-
 def import_diffusers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -228,41 +228,166 @@ def import_diffusers():
 
 
 # ================================================================================================
-# The two models
+# The models: ours, and the peers it is compared with
 # ================================================================================================
 
-def diffusers_config(width, layers_per_block):
-    """A small UNet2DModel for 28x28x1 in the spirit of our U-Net: three levels (28, 14, 7),
-    channels (w, 2w, 2w), self-attention at 14x14 and in the middle block (at 7x7)."""
-    channels, size, _ = IMAGE_SHAPE
-    return dict(
-        sample_size=size, in_channels=channels, out_channels=channels,
-        block_out_channels=(width, 2 * width, 2 * width),
-        layers_per_block=layers_per_block,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    )
+class Peer:
+    """Another library's U-Net that ours is compared with, at a matched parameter count.
 
-
-def match_diffusers_config(our_params, widths=(32, 64, 96), layers=(1, 2, 3)):
-    """The (width, layers_per_block) whose parameter count is nearest ours (in log ratio).
-
-    Widths are multiples of 32, diffusers' default GroupNorm group count. Models are built on the
-    meta device, so the search allocates nothing.
+    A subclass says only how to build its network and how to call it; matching the parameter
+    count, the training step, the FLOP count and sampling are the same code for every peer.
+    Noise is added with diffusers' DDPMScheduler and DDIM sampling uses its DDIMScheduler for
+    every peer (diffusers is required anyway), so that the peers differ only in the network.
     """
-    UNet2DModel, _, _ = import_diffusers()
-    candidates = []
-    for w in widths:
-        for lpb in layers:
-            cfg = diffusers_config(w, lpb)
-            with torch.device("meta"):
-                n = count_params(UNet2DModel(**cfg))
-            candidates.append(dict(width=w, layers_per_block=lpb, params=n, ours_over_theirs=our_params / n))
+
+    name = package = None  # label in the results; the distribution name (pip, importlib.metadata)
+    required = False  # a required peer's absence stops the run; another's only skips that peer
+
+    def version(self):
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def unavailable(self):
+        """None if the peer's network can be built here, else why not (one line)."""
+        try:
+            self.unet_class()
+        except Exception as e:  # a missing package, or one of its imports failing
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def unet_class(self):
+        raise NotImplementedError
+
+    def config(self, **knobs):
+        """The constructor's keyword arguments for the knobs of one candidate."""
+        raise NotImplementedError
+
+    def candidates(self):
+        """The knobs of the candidate configs that the parameter matching chooses from."""
+        raise NotImplementedError
+
+    def describe(self, config):
+        raise NotImplementedError
+
+    def forward(self, net, x, t):
+        """The predicted noise; t is a tensor of timesteps, one per image or one for all."""
+        raise NotImplementedError
+
+
+class DiffusersPeer(Peer):
+    """diffusers' UNet2DModel, in the spirit of our U-Net: three levels (28, 14, 7), channels
+    (w, 2w, 2w), self-attention at 14x14 and in the middle block (at 7x7). Widths are multiples
+    of 32, diffusers' default GroupNorm group count. At the default experiment config the match is
+    block_out_channels (32, 64, 64) with 2 layers per block: 1.62 M parameters against our 1.76 M."""
+
+    name, package, required = "diffusers", "diffusers", True
+
+    def unet_class(self):
+        return import_diffusers()[0]
+
+    def config(self, width, layers_per_block):
+        channels, size, _ = IMAGE_SHAPE
+        return dict(
+            sample_size=size, in_channels=channels, out_channels=channels,
+            block_out_channels=(width, 2 * width, 2 * width),
+            layers_per_block=layers_per_block,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        )
+
+    def candidates(self):
+        return [dict(width=w, layers_per_block=lpb) for w in (32, 64, 96) for lpb in (1, 2, 3)]
+
+    def describe(self, config):
+        return (f"block_out_channels={tuple(config['block_out_channels'])}, "
+                f"layers_per_block={config['layers_per_block']}, attention at 14x14 and in the 7x7 middle block")
+
+    def forward(self, net, x, t):
+        return net(x, t).sample
+
+
+class LucidrainsPeer(Peer):
+    """denoising-diffusion-pytorch's Unet (lucidrains), the design ours follows closely: per level two
+    ResNet blocks (ours: resnet_blocks, default 1) and a linear attention, full attention at the
+    innermost level and in the middle. Its depth is fixed, so the match varies the width: dim and
+    dim_mults with multiples of 8 channels (oneDNN and tensor cores work in blocks of 8 or 16
+    channels), and attn_dim_head with our 4 heads. At the default experiment config the match is
+    dim=32, dim_mults=(1, 2, 3), attn_heads=4, attn_dim_head=16, channels=1 (channels 32/64/96 at
+    28/14/7): 1,822,817 parameters against our 1,755,681 (ours/theirs 0.963); our own widths,
+    dim_mults (1, 2, 4), would give 2,481,217 (0.708). Counted with denoising-diffusion-pytorch 2.3.4.
+
+    flash_attn=False: its full attention (at 7x7, 49 tokens, where the method hardly matters) then
+    runs as einsum matmuls everywhere; with flash_attn=True on a CUDA GPU newer than the A100 it
+    allows only the flash kernel, which has no float32. channels_last works (einops reshapes)."""
+
+    name, package = "lucidrains", "denoising-diffusion-pytorch"
+
+    def unet_class(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The package's __init__ imports all its modules (accelerate, scipy, ema-pytorch ...)
+            # even for a submodule's import, so the top level costs nothing more.
+            from denoising_diffusion_pytorch import Unet
+        return Unet
+
+    def config(self, dim, dim_mults, attn_dim_head):
+        return dict(dim=dim, dim_mults=tuple(dim_mults), channels=IMAGE_SHAPE[0], attn_heads=4,
+                    attn_dim_head=attn_dim_head, flash_attn=False)
+
+    def candidates(self):
+        return [dict(dim=d, dim_mults=m, attn_dim_head=h)
+                for d in (24, 32) for m in ((1, 2, 3), (1, 2, 4)) for h in (16, 32)]
+
+    def describe(self, config):
+        return (f"dim={config['dim']}, dim_mults={tuple(config['dim_mults'])}, "
+                f"{config['attn_heads']} heads x {config['attn_dim_head']}, flash_attn={config['flash_attn']}")
+
+    def forward(self, net, x, t):
+        if t.dim() == 0:  # a DDIM step's one timestep: its time embedding wants one per image
+            t = t.to(x.device).expand(x.shape[0])
+        return net(x, t)
+
+
+PEERS = {peer.name: peer for peer in (DiffusersPeer(), LucidrainsPeer())}
+TARGET_PEER = "diffusers"  # the peer TARGETS["train_speedup_vs_diffusers"] is stated against
+
+
+def peer_labels(peers):
+    """The training labels of the peers: each as documented, then matched."""
+    return [label for p in peers for label in (p, f"{p}-matched")]
+
+
+def available_peers():
+    """(names of the peers to measure, {skipped peer: why}). An optional peer whose package cannot
+    be imported is skipped with a printed note; a required one is left in, to fail with its error."""
+    peers, skipped = [], {}
+    for name, peer in PEERS.items():
+        why = None if peer.required else peer.unavailable()
+        if why:
+            skipped[name] = why
+            print(f"note: {peer.package} cannot be imported ({why[:160]}): the {name} peer is skipped "
+                  f"(pip install -r requirements-benchmark.txt)")
+        else:
+            peers.append(name)
+    return peers, skipped
+
+
+def match_peer_config(peer, our_params):
+    """(config, candidates): the candidate config whose parameter count is nearest ours (in log
+    ratio). Models are built on the meta device, so the search allocates nothing."""
+    unet_class, candidates = peer.unet_class(), []
+    for knobs in peer.candidates():
+        with torch.device("meta"):
+            n = count_params(unet_class(**peer.config(**knobs)))
+        candidates.append(dict(knobs, params=n, ours_over_theirs=our_params / n))
     best = min(candidates, key=lambda c: abs(math.log(c["ours_over_theirs"])))
     if not 0.85 <= best["ours_over_theirs"] <= 1.15:
-        raise SystemExit(f"benchmark.py: error: no diffusers config within 15% of our {our_params} "
+        raise SystemExit(f"benchmark.py: error: no {peer.name} config within 15% of our {our_params} "
                          f"parameters: {candidates}")
-    return diffusers_config(best["width"], best["layers_per_block"]), candidates
+    knobs = {k: v for k, v in best.items() if k not in ("params", "ours_over_theirs")}
+    return peer.config(**knobs), candidates
 
 
 # ================================================================================================
@@ -285,17 +410,23 @@ def build_our_experiment(spec, device):
     return experiment.Experiment(cfg).build(cfg.steps)
 
 
-def build_diffusers_training(spec, device):
-    """diffusers' UNet2DModel and a training step.
+def build_peer(spec, device):
+    """The network of spec["model"], a peer, at spec["peer_config"]; and the peer."""
+    peer = PEERS[spec["model"]]
+    return peer.unet_class()(**spec["peer_config"]).to(device), peer
 
-    matched=False: the documented usage (add_noise, unet(noisy, t).sample, MSE, default AdamW).
+
+def build_peer_training(spec, device):
+    """A peer's network (spec["model"]) and a training step.
+
+    matched=False: the documented usage (add_noise, the network's noise prediction, MSE, default AdamW).
     matched=True: the same step with our training loop's extras: fused AdamW with our betas,
     gradient clipping, LambdaLR schedule and the EMA update, from experiment.py.
     """
-    UNet2DModel, DDPMScheduler, _ = import_diffusers()
+    _, DDPMScheduler, _ = import_diffusers()
     cfg = experiment.Config()
     torch.manual_seed(cfg.seed)
-    unet = UNet2DModel(**spec["diffusers_config"]).to(device)
+    unet, peer = build_peer(spec, device)
     channels_last = spec.get("channels_last", False)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -319,7 +450,7 @@ def build_diffusers_training(spec, device):
         t = torch.randint(0, cfg.timesteps, (B,), device=device)
         noisy = noise_scheduler.add_noise(clean, noise, t)
         with experiment.autocast(device, precision):
-            pred = unet(noisy, t).sample
+            pred = peer.forward(unet, noisy, t)
         loss = F.mse_loss(pred.float(), noise)
         loss.backward()
         if matched and cfg.grad_clip > 0:
@@ -341,7 +472,7 @@ def worker_train(spec, device):
         params = count_params(exp.diffusion.model)
         step = exp.train_step
     else:
-        unet, step = build_diffusers_training(spec, device)
+        unet, step = build_peer_training(spec, device)
         params = count_params(unet)
     mem = PeakMemory(device)
     mem.start()
@@ -363,7 +494,7 @@ def worker_train(spec, device):
 
 
 def worker_paired(spec, device):
-    """Ours and diffusers (idiomatic and matched) in one process, their steps interleaved.
+    """Ours and every peer (idiomatic and matched) in one process, their steps interleaved.
 
     Each round times one step of every model, in an order that rotates from round to round, so
     that other processes on the machine slow all of them alike: the per-round ratios stay
@@ -371,8 +502,10 @@ def worker_paired(spec, device):
     """
     batch_u8 = _random_batch(spec["batch"])
     steps = {"ours": build_our_experiment(spec, device).train_step}
-    for label, matched in (("diffusers", False), ("diffusers-matched", True)):
-        steps[label] = build_diffusers_training(dict(spec, matched=matched), device)[1]
+    for peer, peer_config in spec["peer_configs"].items():
+        for label, matched in zip(peer_labels([peer]), (False, True)):
+            steps[label] = build_peer_training(dict(spec, model=peer, peer_config=peer_config, matched=matched),
+                                               device)[1]
     names = list(steps)
     for name in names:
         for _ in range(spec["warmup"]):
@@ -404,19 +537,20 @@ def worker_sample(spec, device):
         def ddim(steps):
             return diffusion.sample(B, sampling_steps=steps, progress=False)
     else:
-        UNet2DModel, _, DDIMScheduler = import_diffusers()
-        net = UNet2DModel(**spec["diffusers_config"]).to(device).eval()
+        _, _, DDIMScheduler = import_diffusers()
+        net, peer = build_peer(spec, device)
+        net.eval()
         # diffusers' default betas are linear from 1e-4 to 0.02, as our default "linear" schedule
         scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps)
 
         def forward(x, t):
-            return net(x, t).sample
+            return peer.forward(net, x, t)
 
         def ddim(steps):
             scheduler.set_timesteps(steps)
             x = torch.randn(B, *IMAGE_SHAPE, device=device)
             for t in scheduler.timesteps:
-                eps = net(x, t).sample
+                eps = peer.forward(net, x, t)
                 x = scheduler.step(eps, t, x).prev_sample
             return (x + 1) / 2
 
@@ -568,10 +702,10 @@ def onednn_fp32_gemm(a, b, warmup, reps):
     return dict(median_s=med, tflop_per_s=2 * a.shape[0] ** 3 / med / 1e12)
 
 
-def training_flops(model_name, diffusers_cfg, device, batch):
+def training_flops(model_name, peer_config, device, batch):
     """(forward, backward) training FLOPs per image of one model, by experiment.count_training_flops.
 
-    Both losses are the plain noise-prediction MSE on the same images, timesteps and noise.
+    All losses are the plain noise-prediction MSE on the same images, timesteps and noise.
     """
     timesteps = experiment.Config().timesteps
     torch.manual_seed(0)
@@ -584,12 +718,12 @@ def training_flops(model_name, diffusers_cfg, device, batch):
         def loss():
             return diffusion(x, t=t, noise=noise)
     else:
-        UNet2DModel, DDPMScheduler, _ = import_diffusers()
-        unet = UNet2DModel(**diffusers_cfg).to(device)
+        _, DDPMScheduler, _ = import_diffusers()
+        unet, peer = build_peer(dict(model=model_name, peer_config=peer_config), device)
         noisy = DDPMScheduler(num_train_timesteps=timesteps).add_noise(x * 2 - 1, noise, t)
 
         def loss():
-            return F.mse_loss(unet(noisy, t).sample, noise)
+            return F.mse_loss(peer.forward(unet, noisy, t), noise)
     return experiment.count_training_flops(loss, batch)
 
 
@@ -616,7 +750,7 @@ def build_parser():
     p.add_argument("--paired-rounds", type=int, default=10,
                    help="rounds of the interleaved comparison (default 10; --quick: 2)")
     p.add_argument("--no-paired", action="store_true",
-                   help="skip the interleaved ours-vs-diffusers comparison (robust on a busy machine)")
+                   help="skip the interleaved ours-vs-peers comparison (robust on a busy machine)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every measurement (default 0: torch's own default)")
@@ -667,7 +801,8 @@ def collect_machine_facts(args, device):
         cpu_model=experiment.cpu_model(), cpu_flags=cpu_flags(), logical_cpus=os.cpu_count(),
         cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         torch_threads=torch.get_num_threads(), platform=platform.platform(),
-        python=platform.python_version(), torch=torch.__version__, diffusers=diffusers_version(),
+        python=platform.python_version(), torch=torch.__version__,
+        **{peer.package.replace("-", "_"): peer.version() for peer in PEERS.values()},  # None: not installed
         bf16_supported=bf16, loadavg_1_5_15_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
         note=("other_processes_cpu_share (whole run, and per measurement) is the share of all CPUs' time "
               "that other processes used meanwhile; busy_machine is true when it exceeds "
@@ -681,8 +816,10 @@ def collect_machine_facts(args, device):
 
 
 def print_machine_facts(meta, device, threads):
+    versions = ", ".join(f"{p.package} {meta[p.package.replace('-', '_')] or '(not installed)'}"
+                         for p in PEERS.values())
     print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
-          f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, diffusers {meta['diffusers']}")
+          f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, {versions}")
     load = meta["loadavg_1_5_15_at_start"]
     if not load:
         return
@@ -715,23 +852,29 @@ def finish_machine_facts(meta, others, t_start, device):
 
 
 def match_models():
-    """`models` of the JSON (both parameter counts and configs) and the matched diffusers config."""
+    """`models` of the JSON (every model's parameter count and config) and {peer: its matched config}
+    for the peers that can be measured here (a skipped one is noted in `models`)."""
     cfg = experiment.Config()
     our_params = count_params(experiment.build_diffusion(cfg).model)
-    dcfg, candidates = match_diffusers_config(our_params)
-    with torch.device("meta"):
-        their_params = count_params(import_diffusers()[0](**dcfg))
-    models = dict(
-        ours=dict(params=our_params, config={k: cfg.to_dict()[k] for k in
-                                              ("dim", "dim_mults", "resnet_blocks", "attn_dim_head", "timesteps")}),
-        diffusers=dict(params=their_params, config=dict(dcfg, block_out_channels=list(dcfg["block_out_channels"])),
-                       candidates=candidates),
-        params_ours_over_diffusers=our_params / their_params,
-    )
-    print(f"\nparameters: ours {our_params:,}  diffusers UNet2DModel {their_params:,} "
-          f"(block_out_channels={dcfg['block_out_channels']}, layers_per_block={dcfg['layers_per_block']}, "
-          f"attention at 14x14 and in the 7x7 middle block)  ratio ours/theirs {our_params / their_params:.3f}")
-    return models, dcfg
+    fields = ("dim", "dim_mults", "resnet_blocks", "attn_dim_head", "timesteps")
+    models = dict(ours=dict(params=our_params, config={k: cfg.to_dict()[k] for k in fields}))
+    _, skipped = available_peers()
+    print(f"\nparameters: ours {our_params:,}")
+    peer_configs = {}
+    for name, peer in PEERS.items():
+        if name in skipped:
+            models[name] = dict(package=peer.package, skipped=skipped[name])
+            continue
+        peer_config, candidates = match_peer_config(peer, our_params)
+        with torch.device("meta"):
+            their_params = count_params(peer.unet_class()(**peer_config))
+        models[name] = dict(package=peer.package, version=peer.version(), params=their_params,
+                            config=peer_config, candidates=candidates)
+        models[f"params_ours_over_{name}"] = our_params / their_params
+        peer_configs[name] = peer_config
+        print(f"  {name} ({peer.package}) {their_params:,} ({peer.describe(peer_config)})  "
+              f"ratio ours/theirs {our_params / their_params:.3f}")
+    return models, peer_configs
 
 
 def measure_ceiling(device, precisions, quick, n=2048):
@@ -747,10 +890,10 @@ def measure_ceiling(device, precisions, quick, n=2048):
     return ceiling
 
 
-def count_flops(dcfg, device, batch):
+def count_flops(peer_configs, device, batch):
     flops = {}
-    for name in ("ours", "diffusers"):
-        fwd, bwd = training_flops(name, dcfg, device, batch=min(batch, 8))
+    for name in ("ours", *peer_configs):
+        fwd, bwd = training_flops(name, peer_configs.get(name), device, batch=min(batch, 8))
         flops[name] = dict(forward_per_image=fwd, backward_per_image=bwd, train_per_image=fwd + bwd)
     print("training FLOPs per image (fwd+bwd, matmul/conv/attention only): " + ", ".join(
         f"{k} {v['train_per_image'] / 1e9:.3f} GFLOP" for k, v in flops.items()))
@@ -761,44 +904,49 @@ def count_flops(dcfg, device, batch):
 # Phase 3: the plan, every measurement subprocess of the run
 # ================================================================================================
 
-# What each training setting is compared as: (label, diffusers `matched`, optimizer, extras).
-TRAINING_VARIANTS = (
-    ("ours", None, "AdamW fused", "clip+sched+EMA (train_step)"),
-    ("diffusers", False, "AdamW default", "none"),
-    ("diffusers-matched", True, "AdamW fused", "clip+sched+EMA"),
-)
+def training_variants(peers):
+    """What each training setting is compared as: (label, model, matched, optimizer, extras) for ours,
+    then for each peer as its documentation shows it and matched to our training loop."""
+    variants = [("ours", "ours", None, "AdamW fused", "clip+sched+EMA (train_step)")]
+    for peer in peers:
+        documented, matched = peer_labels([peer])
+        variants += [(documented, peer, False, "AdamW default", "none"),
+                     (matched, peer, True, "AdamW fused", "clip+sched+EMA")]
+    return variants
 
 
-def plan_training(base, precisions, channels_last, compile):
+def plan_training(base, precisions, channels_last, compile, peer_configs):
     """Worker specs of the training measurements: every model at every precision (and layout)."""
     specs = []
     for precision in precisions:
         for cl in ([False, True] if channels_last else [False]):
-            for label, matched, optimizer, extras in TRAINING_VARIANTS:
-                model = dict(model="ours") if matched is None else dict(model="diffusers", matched=matched)
-                specs.append(dict(base, **model, precision=precision, channels_last=cl, label=label,
+            for label, model, matched, optimizer, extras in training_variants(peer_configs):
+                what = dict(model=model) if matched is None else dict(
+                    model=model, matched=matched, peer_config=peer_configs[model])
+                specs.append(dict(base, **what, precision=precision, channels_last=cl, label=label,
                                   optimizer=optimizer, extras=extras))
     if compile:
-        label, _, optimizer, extras = TRAINING_VARIANTS[0]
-        specs.append(dict(base, model="ours", precision=precisions[-1], channels_last=False, compile=True,
+        label, model, _, optimizer, extras = training_variants([])[0]
+        specs.append(dict(base, model=model, precision=precisions[-1], channels_last=False, compile=True,
                           warmup=max(base["warmup"], 2), label=label, optimizer=optimizer, extras=extras))
     return specs
 
 
-def plan_measurements(args, device, precisions, dcfg):
-    """The run's measurements in order: sections (name, header, [(key, progress title, worker spec)])."""
+def plan_measurements(args, device, precisions, peer_configs):
+    """The run's measurements in order: sections (name, header, [(key, progress title, worker spec)]).
+    `peer_configs`: {peer: its matched constructor arguments}, for the peers to measure."""
     common = dict(device=str(device), threads=args.threads)
-    base = dict(common, kind="train", batch=args.batch, steps=args.steps, warmup=args.warmup,
-                diffusers_config=dcfg)
+    base = dict(common, kind="train", batch=args.batch, steps=args.steps, warmup=args.warmup)
     training = [(None, f"{s['label']:<18} {setting_name(s['precision'], s['channels_last'], 'compile' in s):<14}", s)
-                for s in plan_training(base, precisions, args.channels_last, args.compile)]
+                for s in plan_training(base, precisions, args.channels_last, args.compile, peer_configs)]
     paired = [(p, f"{setting_name(p):<18}",
-               dict(base, kind="paired", precision=p, channels_last=False, steps=args.paired_rounds))
+               dict(base, kind="paired", precision=p, channels_last=False, steps=args.paired_rounds,
+                    peer_configs=peer_configs))
               for p in precisions]
     sampling = [(name, f"{name:<18}",
                  dict(common, kind="sample", model=name, batch=args.batch, reps=args.forward_reps,
-                      ddim_steps=args.ddim_steps, precisions=precisions, diffusers_config=dcfg))
-                for name in ("ours", "diffusers")]
+                      ddim_steps=args.ddim_steps, precisions=precisions, peer_config=peer_configs.get(name)))
+                for name in ("ours", *peer_configs)]
     profile = [(None, "profiling our training step",
                 dict(common, kind="profile", model="ours", precision=precisions[-1], batch=args.batch,
                      warmup=1 if args.quick else 2, steps=1 if args.quick else 3, top=15))]
@@ -806,9 +954,9 @@ def plan_measurements(args, device, precisions, dcfg):
     plan = [("training", f"\ntraining: batch {args.batch}, median of {args.steps} steps after {args.warmup} "
                          f"warm-up steps, each setting in a fresh subprocess", training)]
     if not args.no_paired:
-        plan.append(("paired_training", f"\npaired: ours, diffusers and diffusers-matched in one process, "
-                                        f"steps interleaved ({args.paired_rounds} rounds after {args.warmup} "
-                                        f"warm-up steps each)", paired))
+        plan.append(("paired_training", f"\npaired: ours and {', '.join(peer_labels(peer_configs))} in one "
+                                        f"process, steps interleaved ({args.paired_rounds} rounds after "
+                                        f"{args.warmup} warm-up steps each)", paired))
     plan.append(("sampling", f"\nsampling: batch {args.batch}; forward = median of {args.forward_reps} passes, "
                              f"DDIM = one run of {args.ddim_steps} steps", sampling))
     if not args.no_profile:
@@ -828,7 +976,7 @@ def training_row(spec, res, flops, ceiling):
                compile=spec.get("compile", False), optimizer=spec["optimizer"], extras=spec["extras"], **res)
     if "error" in res:
         return row
-    per_image = flops["ours" if spec["model"] == "ours" else "diffusers"]["train_per_image"]
+    per_image = flops[spec["model"]]["train_per_image"]
     flop_per_s, ceil = per_image * res["img_per_s"], ceiling[spec["precision"]]
     row["achieved_gflop_per_s"] = flop_per_s / 1e9
     row["fraction_of_matmul_ceiling"] = flop_per_s / (ceil["tflop_per_s"] * 1e12)
@@ -883,16 +1031,17 @@ def write_json(results, path, partial):
 # ================================================================================================
 
 def compare(rows, key):
-    """Ratios ours/theirs of `key` (img_per_s, or img_per_cpu_s) per setting and best against best.
+    """Ratios ours/theirs of `key` (img_per_s, or img_per_cpu_s) per setting and best against best,
+    for every peer.
 
-    Returns (ratios, our best row, the best diffusers row of either kind); failed rows are ignored.
+    Returns (ratios, our best row, the best TARGET_PEER row of either kind); failed rows are ignored.
     """
     rows = [r for r in rows if "error" not in r and r.get(key)]
     ratios = {}
     for r in rows:
         if r["model"] != "ours" or r["compile"]:
             continue
-        for other in ("diffusers", "diffusers-matched"):
+        for other in peer_labels(PEERS):
             theirs = [o for o in rows if o["model"] == other and o["setting"] == r["setting"]]
             if theirs:
                 ratios[f"{r['setting']} ours/{other}"] = r[key] / theirs[0][key]
@@ -900,12 +1049,15 @@ def compare(rows, key):
     def best(models):
         return max((r for r in rows if r["model"] in models), key=lambda r: r[key], default=None)
 
-    b_ours, b_theirs, b_idiomatic = best({"ours"}), best({"diffusers", "diffusers-matched"}), best({"diffusers"})
-    if b_ours and b_theirs:
-        ratios["best ours / best diffusers (any setting)"] = b_ours[key] / b_theirs[key]
-    if b_ours and b_idiomatic:
-        ratios["best ours / best idiomatic diffusers"] = b_ours[key] / b_idiomatic[key]
-    return ratios, b_ours, b_theirs
+    b_ours, best_of = best({"ours"}), {}
+    for peer in PEERS:
+        b_theirs, b_idiomatic = best(set(peer_labels([peer]))), best({peer})
+        best_of[peer] = b_theirs
+        if b_ours and b_theirs:
+            ratios[f"best ours / best {peer} (any setting)"] = b_ours[key] / b_theirs[key]
+        if b_ours and b_idiomatic:
+            ratios[f"best ours / best idiomatic {peer}"] = b_ours[key] / b_idiomatic[key]
+    return ratios, b_ours, best_of[TARGET_PEER]
 
 
 def summarise(training, by_cpu_time):
@@ -1129,11 +1281,12 @@ def run_benchmark(args):
     precisions = select_precisions(args.precision, meta["bf16_supported"])
     others = OtherLoad()
     print_machine_facts(meta, device, args.threads)
-    models, dcfg = match_models()
+    models, peer_configs = match_models()
     results = dict(meta=meta, models=models, matmul_ceiling=measure_ceiling(device, precisions, args.quick),
-                   flops=count_flops(dcfg, device, args.batch), training=[], paired_training={}, sampling={},
-                   profile=None)
-    run_measurements(plan_measurements(args, device, precisions, dcfg), results, args.out, args.worker_timeout)
+                   flops=count_flops(peer_configs, device, args.batch), training=[], paired_training={},
+                   sampling={}, profile=None)
+    run_measurements(plan_measurements(args, device, precisions, peer_configs), results, args.out,
+                     args.worker_timeout)
     finish_machine_facts(meta, others, t_start, device)
     summary = summarise(results["training"], by_cpu_time=device.type == "cpu")
     targets = judge_targets(summary, results["paired_training"], results["sampling"], args.batch, args.ddim_steps)

@@ -138,10 +138,21 @@ class Evaluator:
         """FID of n random real test images against the training split, at the same count as a
         sample set: what a perfect sampler would score, up to the luck of the draw (memorising
         models can go below it)."""
+        return self._real(n)[0]
+
+    def real_confident_share(self, n, confidence=0.9):
+        """The share of the floor's n real test images that the classifier labels with at least
+        `confidence`: the most a sample set can honestly reach, since the classifier is unsure of
+        some real images too."""
+        return (self._real(n)[1] >= confidence).float().mean().item()
+
+    def _real(self, n):
+        """(FID, top class probabilities) of n random real test images (the same draw every time)."""
         if n not in self._floors:
             test = data.load_images(self.dataset, train=False)[0]
             idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
-            self._floors[n] = self.fid(test[idx])[0]
+            fid, probs = self.fid(test[idx])
+            self._floors[n] = (fid, probs.max(1).values)
         return self._floors[n]
 
     @staticmethod
@@ -174,6 +185,7 @@ class Evaluator:
         result = dict(dataset=self.dataset, n_samples=n, fid=round(fid, 3), fid_floor=round(floor, 3),
                       fid_over_floor=round(fid / floor, 2),
                       confident_share=round((conf >= confidence).float().mean().item(), 4),
+                      real_confident_share=round(self.real_confident_share(min(n, 10000), confidence), 4),
                       class_histogram=hist, class_share_min=round(min(hist) / n, 4),
                       class_share_max=round(max(hist) / n, 4))
         if labels is not None:

@@ -68,7 +68,7 @@ class Config:
     timesteps: int = 1000
     beta_schedule: str = "linear"
     objective: str = "pred_noise"
-    min_snr_gamma: float = None          # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 (None = off)
+    min_snr_gamma: float = 5.0           # min-SNR-gamma loss weighting (Hang et al. 2023) (None = off)
     # class-conditional model with classifier-free guidance (conditional_diffusion.ipynb)
     conditional: bool = False            # condition on the dataset's classes
     cond_drop_prob: float = 0.1          # share of training labels replaced by "no label"
@@ -77,8 +77,8 @@ class Config:
     class_names: tuple = ()              # a folder's classes, recorded when a conditional run first loads it
                                          # (so its weights sample without the folder); () = the dataset's
     # optimisation
-    batch_size: int = 128                # global batch, split across processes under torchrun
-    lr: float = 1e-3
+    batch_size: int = 32                 # global batch, split across processes under torchrun
+    lr: float = 2e-3                     # (these three: the winning levers, COMBINED below)
     lr_schedule: str = "cosine"          # "constant" or "cosine" (to lr/10), after a linear warm-up
     warmup_steps: int = 200              # linear warm-up (at most a fifth of the run's steps)
     weight_decay: float = 0.0
@@ -120,6 +120,8 @@ class Config:
     }
 
     OPTIONAL = ("minutes", "min_snr_gamma", "init_weights")  # fields that may be None (off)
+    # fields whose default changed after runs were saved without them: what such a run trained with
+    SAVED_BEFORE = {"min_snr_gamma": None}
 
     def validate(self):
         """Reject invalid values before any work starts."""
@@ -269,6 +271,7 @@ class Config:
                               f"run with the same settings") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} holds a JSON {type(d).__name__}, not an object of fields")
+        d = {**{k: v for k, v in cls.SAVED_BEFORE.items() if k not in d}, **d}
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -500,7 +503,7 @@ class Experiment:
             return self.budget["steps"]
         return math.ceil(cfg.epochs * self.steps_per_epoch(len(images))) if cfg.epochs > 0 else cfg.steps
 
-    def measure_budget(self, images, warmup=3, timed=10):
+    def measure_budget(self, images, warmup=5, timed=25):
         """The number of steps that fit `minutes` of training, from the time of `timed` steps (after
         `warmup` untimed ones) on a throwaway build of the run: the run itself is built afresh from
         its seed, so it trains exactly as if its length had been given in steps. The measuring time
@@ -1106,8 +1109,11 @@ def export_weights(run_dir, path):
 # Figures of a run
 # ================================================================================================
 
-def plot_loss_curves(runs, path, smooth=5):
-    """Loss against step for one or more runs ({label: run_dir}), overlaid, log-scaled."""
+def plot_loss_curves(runs, path, smooth=5, x="step"):
+    """Loss against step (x="step") or training time (x="time") for one or more runs ({label:
+    run_dir}), overlaid, log-scaled."""
+    if x not in ("step", "time"):
+        raise ValueError(f"x={x!r} is not allowed: expected 'step' or 'time'")
     import matplotlib
     matplotlib.use("Agg") if "matplotlib.pyplot" not in sys.modules else None
     import matplotlib.pyplot as plt
@@ -1116,12 +1122,13 @@ def plot_loss_curves(runs, path, smooth=5):
         rows = read_metrics(run_dir)
         if not rows:
             continue
-        steps = np.array([r["step"] for r in rows])
+        where = np.array([r["step"] if x == "step" else r["train_time_s"] / 60 for r in rows])
         loss = np.array([r["loss"] for r in rows])
         k = min(smooth, len(loss))
         smoothed = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smoothed, label=label)
-    ax.set(xlabel="step", ylabel=f"training loss (mean of {smooth} logs)", yscale="log")
+        ax.plot(where[k - 1:], smoothed, label=label)
+    ax.set(xlabel="step" if x == "step" else "training time, minutes",
+           ylabel=f"training loss (mean of {smooth} logs)", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -1176,6 +1183,107 @@ def save_reverse_process_gif(trajectory, path, frames=40, nrow=4, hold_last=20):
 # ================================================================================================
 # Many runs: the experiment manager
 # ================================================================================================
+
+# The lever study ("What buys quality per minute" in the README): the main job's config as it was
+# before the study (pinned, so the study means the same after the defaults changed), trained for the
+# same wall-clock budget with one lever changed at a time.
+LEVER_STUDY_BASE = dict(dataset="fashion_mnist", lr=1e-3, batch_size=128, warmup_steps=200, ema_decay=0.999,
+                        ema_power=0.0, min_snr_gamma=None, dim=32, dim_mults=(1, 2, 4), objective="pred_noise",
+                        beta_schedule="linear", sampler="dpm++2m-sde", eval_steps=50)
+LEVERS = {
+    "baseline": {},
+    "min_snr_5": dict(min_snr_gamma=5.0),       # Hang et al. (2023): less effort on nearly clean images
+    "ema_power_7": dict(ema_power=7.0),         # an average that grows with the run (Karras et al. 2023)
+    "lr_2e-3": dict(lr=2e-3),
+    "batch_64": dict(batch_size=64),            # twice the steps, each half as large
+    "dim_24": dict(dim=24),                     # narrower: about half the FLOPs, yet no faster on AMX cores
+    "batch_32": dict(batch_size=32),            # four times the steps, each a quarter as large
+}
+# the levers that won, together: Config's defaults since the study (and so the main job's)
+COMBINED = dict(batch_size=32, lr=2e-3, min_snr_gamma=5.0)
+
+
+# the fields that change how long one training step takes
+SPEED_FIELDS = ("dataset", "image_size", "channels", "dim", "dim_mults", "resnet_blocks", "attn_dim_head",
+                "conditional", "batch_size", "device", "precision", "channels_last", "compile")
+
+
+def lever_study(root, minutes, levers=LEVERS, seeds=(0,), step_times=None, **fixed):
+    """An ExperimentManager over `levers` ({name: config changes}) applied to LEVER_STUDY_BASE, each
+    trained for as many steps as `minutes` of its own step time allow; every seed after the first
+    adds runs named <name>_seed<s>. `fixed` sets fields for all runs (a smaller evaluation, say).
+
+    The step times ({name: seconds}) are measured once for all levers, interleaved
+    (`measure_step_times`), and kept in <root>/step_times.json, so the study resumes with the same
+    lengths. On a machine whose speed drifts by a third within minutes (seen on two shared cores),
+    a separate measurement at each run's start would hand out lengths by luck, not by speed.
+    """
+    base = Config(**LEVER_STUDY_BASE, sample_every=0, gif=False, log_every=10, **fixed)
+    variants = {name: base.replace(**changes) for name, changes in levers.items()}
+    if step_times is None:
+        step_times = kept_step_times(variants, Path(root) / "step_times.json")
+    configs, names = [], []
+    for seed in seeds:
+        for name, cfg in variants.items():
+            configs.append(cfg.replace(seed=seed, steps=max(1, int(minutes * 60 / step_times[name]))))
+            names.append(name if seed == seeds[0] else f"{name}_seed{seed}")
+    return ExperimentManager(configs, root, names)
+
+
+def kept_step_times(configs, path):
+    """Seconds per training step of each config ({name: Config}): read from the JSON file `path`
+    where it holds them, measured for the rest (once per distinct amount of work per step, see
+    SPEED_FIELDS: levers such as the learning rate or the EMA share their baseline's time), and
+    written back to `path`."""
+    step_times = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    work = lambda cfg: tuple(getattr(cfg, f) for f in SPEED_FIELDS)
+    known = {work(configs[name]): step_times[name] for name in configs if name in step_times}
+    groups = {}
+    for name, cfg in configs.items():
+        if name not in step_times:
+            groups.setdefault(work(cfg), []).append(name)
+    if not groups:
+        return step_times
+    unknown = {names[0]: configs[names[0]] for key, names in groups.items() if key not in known}
+    if unknown:
+        # measured beside a config of known time, and scaled by its ratio: the machine's speed today
+        # does not shift the new times against those kept from an earlier measurement
+        reference = next((name for name in configs if name in step_times), None)
+        measured = measure_step_times({**unknown, **({reference: configs[reference]} if reference else {})})
+        scale = step_times[reference] / measured.pop(reference) if reference else 1.0
+        known.update({work(configs[n]): round(t * scale, 4) for n, t in measured.items()})
+    step_times.update({name: known[key] for key, names in groups.items() for name in names})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write_text(path, json.dumps(step_times, indent=2) + "\n")
+    return step_times
+
+
+def measure_step_times(configs, rounds=3, steps=10, warmup=3):
+    """Seconds per training step of each config ({name: Config}), timed in `rounds` interleaved
+    rounds of `steps` steps (after `warmup` untimed ones each), so that a machine whose speed
+    drifts during the measurement slows every config alike."""
+    runs = {}
+    for name, cfg in configs.items():
+        exp = Experiment(cfg)
+        images = exp.load_training_data()
+        exp.build(warmup + rounds * steps)
+        runs[name] = (exp, exp.batches(images, exp._labels))
+
+    def train(name, n):
+        exp, batches = runs[name]
+        for _ in range(n):
+            exp.train_step(*next(batches)).item()  # .item() waits for the step to finish
+
+    for name in runs:
+        train(name, warmup)
+    seconds = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name in runs:
+            t0 = time.perf_counter()
+            train(name, steps)
+            seconds[name] += time.perf_counter() - t0
+    return {name: round(s / (rounds * steps), 4) for name, s in seconds.items()}
+
 
 class ExperimentManager:
     """Run a list of configs, each in its own directory under `root`; skip finished runs, resume the rest.
@@ -1253,16 +1361,20 @@ class ExperimentManager:
         for name, cfg in self.configs.items():
             res = run_results(cfg.out_dir)
             row = {"run": name, **{k: cfg.to_dict()[k] for k in self.varied_fields()}}
+            row["steps"] = res.get("step")
+            row["img_per_s"] = (round(res["step"] * cfg.batch_size / res["train_time_s"], 1)
+                                if res.get("step") and res.get("train_time_s") else None)
             for key in ("final_loss", "fid", "fid_floor", "confident_share", "class_share_min", "class_share_max",
                         "sample_time_per_image_s", "train_time_s"):
                 row[key] = res.get(key)
             rows.append(row)
         return rows
 
-    def write_report(self, extra_rows=()):
+    def write_report(self, extra_rows=(), x="step"):
+        """The results table, the loss curves against `x` ("step" or "time") and the final samples."""
         rows = self.table() + list(extra_rows)
         write_table(rows, self.root / "results")
-        plot_loss_curves({n: c.out_dir for n, c in self.configs.items()}, self.root / "loss_curves.png")
+        plot_loss_curves({n: c.out_dir for n, c in self.configs.items()}, self.root / "loss_curves.png", x=x)
         side_by_side({n: Path(c.out_dir) / "samples_final.png" for n, c in self.configs.items()},
                      self.root / "samples_side_by_side.png")
         return rows
@@ -1445,9 +1557,23 @@ def _add_config_flags(p):
             continue
         if f.name == "class_names":  # recorded by a folder run, not chosen
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, metavar=f.type.__name__.upper(),
+        optional = f.name in Config.OPTIONAL
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_or_off(kind) if optional else kind,
+                       metavar=f.type.__name__.upper() + ("|off" if optional else ""),
                        help=f"default: {f.default!r}" + (f"; one of {Config.CHOICES[f.name]}"
-                                                         if f.name in Config.CHOICES else ""))
+                                                         if f.name in Config.CHOICES else "")
+                            + ("; off: none" if optional else ""))
+
+
+OFF = object()  # a flag's value "off": the field is set to None (off), not left at the base config's value
+
+
+def _or_off(kind):
+    """The type of a flag for a field that may be None: "off" turns it off, anything else is a `kind`."""
+    def parse(text):
+        return OFF if text.strip().lower() == "off" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def _add_sampler_flags(p):
@@ -1467,11 +1593,26 @@ def _add_sampler_flags(p):
     p.add_argument("--guidance", type=float, help="conditional runs: the guidance scale w (default: the config's)")
 
 
+MAIN_JOB_MINUTES = 15.0  # the main job trains for this long on any machine; its steps follow from the speed
+
+
+def main_job_config():
+    """The main job, `python experiment.py`: the default config with a 15-minute training budget."""
+    return Config(minutes=MAIN_JOB_MINUTES)
+
+
 def config_from_args(args):
-    base = Config.load(args.config).to_dict() if args.config else Config().to_dict()
+    """The config of `train`: --config's file (else the main job's), with the flags given on top. A
+    run length given as a flag (--steps, --epochs or --minutes) replaces the base's length."""
+    base = Config.load(args.config).to_dict() if args.config else main_job_config().to_dict()
+    lengths = {name: getattr(args, name, None) for name in ("steps", "epochs", "minutes")}
+    if any(v is not None for v in lengths.values()):
+        base.update(epochs=0.0, minutes=None)
     for f in dataclasses.fields(Config):
         value = getattr(args, f.name, None)
-        if value is not None:
+        if value is OFF:
+            base[f.name] = None
+        elif value is not None:
             base[f.name] = tuple(value) if isinstance(value, list) else value
     return Config.from_dict(base)
 
@@ -1479,7 +1620,7 @@ def config_from_args(args):
 def build_parser():
     p = _Parser(prog="experiment.py", description=(
         "Train, sample and evaluate DDPMs on MNIST / Fashion-MNIST. With no command, runs the main "
-        "job: a Fashion-MNIST DDPM with the default config (about 15 minutes on two CPU cores)."))
+        "job: a Fashion-MNIST DDPM with the default config and 15 minutes of training."))
     p.set_defaults(func=cmd_main_job)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a run (resumes if its out-dir holds a checkpoint)")
@@ -1565,7 +1706,7 @@ def class_index(dataset, label, names=None):
 
 
 def cmd_main_job(args):
-    _run_training(Config())
+    _run_training(main_job_config())
 
 
 def cmd_train(args):

@@ -2,7 +2,8 @@
 synthetic rows), the error path of a bad --device, and a --quick smoke run of the whole benchmark.
 
 The smoke run needs diffusers (requirements-benchmark.txt); where it is not installed (CI installs
-only requirements.txt) it is skipped.
+only requirements.txt) it is skipped. The tests of the denoising-diffusion-pytorch peer's network are
+skipped where that package is not installed; the run itself then skips that peer.
 """
 
 import importlib.util
@@ -47,27 +48,87 @@ def test_op_category(op, category):
 
 # ---- the plan ----
 
-def plan_of(*flags):
+PEER_CONFIGS = {"diffusers": {"block_out_channels": [32, 64, 64]}, "lucidrains": {"dim": 32}}
+
+
+def plan_of(*flags, peer_configs=PEER_CONFIGS):
     args = benchmark.parse_args(["--quick", *flags])
-    plan = benchmark.plan_measurements(args, torch.device("cpu"), ["float32", "bfloat16"], dcfg={})
+    plan = benchmark.plan_measurements(args, torch.device("cpu"), ["float32", "bfloat16"], peer_configs)
     return {section: [spec for _, _, spec in items] for section, _, items in plan}
+
+
+MODEL_LABELS = ("ours", "diffusers", "diffusers-matched", "lucidrains", "lucidrains-matched")
 
 
 def test_plan_follows_the_flags():
     full = plan_of()
     assert list(full) == ["training", "paired_training", "sampling", "profile"]
     assert [(s["label"], s["precision"]) for s in full["training"]] == [
-        (label, p) for p in ("float32", "bfloat16") for label in ("ours", "diffusers", "diffusers-matched")]
-    assert [s.get("matched") for s in full["training"][:3]] == [None, False, True]
+        (label, p) for p in ("float32", "bfloat16") for label in MODEL_LABELS]
+    assert [s.get("matched") for s in full["training"][:5]] == [None, False, True, False, True]
     assert all(s["steps"] == 2 and s["warmup"] == 1 for s in full["training"])  # --quick
     assert [s["precision"] for s in full["paired_training"]] == ["float32", "bfloat16"]
-    assert [s["model"] for s in full["sampling"]] == ["ours", "diffusers"]
+    assert [s["model"] for s in full["sampling"]] == ["ours", "diffusers", "lucidrains"]
 
     assert list(plan_of("--no-paired", "--no-profile")) == ["training", "sampling"]
     layouts = [s["channels_last"] for s in plan_of("--channels-last")["training"]]
-    assert layouts.count(True) == layouts.count(False) == 6
+    assert layouts.count(True) == layouts.count(False) == 10
     compiled = [s for s in plan_of("--compile")["training"] if s.get("compile")]
     assert len(compiled) == 1 and compiled[0]["model"] == "ours" and compiled[0]["precision"] == "bfloat16"
+
+
+def test_plan_gives_every_peer_its_matched_config():
+    full = plan_of()
+    for s in full["training"] + full["sampling"]:
+        if s["model"] != "ours":
+            assert s["peer_config"] == PEER_CONFIGS[s["model"]], s
+    assert {s["model"] for s in full["training"]} == {"ours", "diffusers", "lucidrains"}
+    assert all(s["peer_configs"] == PEER_CONFIGS for s in full["paired_training"])
+
+
+def test_plan_leaves_out_a_skipped_peer():
+    only_diffusers = {"diffusers": PEER_CONFIGS["diffusers"]}
+    plan = plan_of(peer_configs=only_diffusers)
+    assert [s["label"] for s in plan["training"][:3]] == ["ours", "diffusers", "diffusers-matched"]
+    assert len(plan["training"]) == 6
+    assert [s["model"] for s in plan["sampling"]] == ["ours", "diffusers"]
+    assert all(s["peer_configs"] == only_diffusers for s in plan["paired_training"])
+
+
+def test_an_optional_peer_that_cannot_be_imported_is_skipped_with_a_note(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark.PEERS["lucidrains"], "unavailable",
+                        lambda: "ModuleNotFoundError: No module named 'denoising_diffusion_pytorch'")
+    peers, skipped = benchmark.available_peers()
+    assert peers == ["diffusers"]  # required: never skipped, its absence is an error later
+    assert list(skipped) == ["lucidrains"]
+    out = capsys.readouterr().out
+    assert "denoising-diffusion-pytorch cannot be imported" in out and "lucidrains peer is skipped" in out
+
+
+def test_the_peers():
+    assert list(benchmark.PEERS) == ["diffusers", "lucidrains"]
+    assert benchmark.PEERS["diffusers"].required and not benchmark.PEERS["lucidrains"].required
+    assert benchmark.PEERS["lucidrains"].package == "denoising-diffusion-pytorch"
+    assert benchmark.peer_labels(["diffusers", "lucidrains"]) == list(MODEL_LABELS[1:])
+
+
+def test_lucidrains_peer_matches_our_parameter_count():
+    pytest.importorskip("denoising_diffusion_pytorch")
+    peer = benchmark.PEERS["lucidrains"]
+    our_params = benchmark.count_params(benchmark.experiment.build_diffusion(benchmark.experiment.Config()).model)
+    config, candidates = benchmark.match_peer_config(peer, our_params)
+    # the choice recorded in LucidrainsPeer's docstring
+    assert config == dict(dim=32, dim_mults=(1, 2, 3), channels=1, attn_heads=4, attn_dim_head=16,
+                          flash_attn=False)
+    net = peer.unet_class()(**config)
+    their_params = benchmark.count_params(net)
+    assert 0.85 <= our_params / their_params <= 1.15, (our_params, their_params)
+    assert their_params in [c["params"] for c in candidates]
+    # its forward as the benchmark calls it: one timestep per image (training), or one for all (DDIM)
+    x = torch.randn(2, *benchmark.IMAGE_SHAPE)
+    with torch.no_grad():
+        assert peer.forward(net, x, torch.tensor([3, 700])).shape == x.shape
+        assert peer.forward(net, x, torch.tensor(500)).shape == x.shape
 
 
 def test_select_precisions():
@@ -110,6 +171,21 @@ def test_summarise_ratios_per_setting_and_best_against_best():
     assert s["ratios_cpu"]["bf16 ours/diffusers"] == pytest.approx(100 / 25)
     assert s["best_ours_cpu"]["setting"] == "bf16"  # the compiled row has no CPU time: left out
     assert benchmark.summarise(training, by_cpu_time=False)["ratios_cpu"] == {}
+
+
+def test_summarise_ratios_for_every_peer():
+    training = rows() + [row("lucidrains", "fp32", 50.0, 25.0), row("lucidrains-matched", "fp32", 40.0, 20.0),
+                         row("lucidrains", "bf16", 125.0, 50.0)]
+    s = benchmark.summarise(training, by_cpu_time=True)
+    lucidrains = {k: v for k, v in s["ratios"].items() if "lucidrains" in k}
+    assert lucidrains == pytest.approx({
+        "fp32 ours/lucidrains": 100 / 50, "fp32 ours/lucidrains-matched": 100 / 40,
+        "bf16 ours/lucidrains": 200 / 125,  # no bf16 lucidrains-matched row: no ratio
+        "best ours / best lucidrains (any setting)": 200 / 125,
+        "best ours / best idiomatic lucidrains": 200 / 125})
+    assert s["ratios"]["best ours / best diffusers (any setting)"] == pytest.approx(200 / 80)
+    assert s["best_theirs"]["model"] == "diffusers"  # the speedup target is stated against diffusers
+    assert s["ratios_cpu"]["fp32 ours/lucidrains"] == pytest.approx(50 / 25)
 
 
 def test_summarise_without_results():
@@ -202,9 +278,9 @@ def test_unavailable_device_is_a_one_line_error(monkeypatch, capsys, tmp_path):
 TOP_KEYS = ["meta", "models", "matmul_ceiling", "flops", "training", "paired_training", "sampling", "profile",
             "training_ratios", "targets", "training_ratios_by_cpu_time", "cpu_time_note"]
 META_KEYS = ["date", "command", "device", "device_name", "cpu_model", "cpu_flags", "logical_cpus",
-             "cpus_available", "torch_threads", "platform", "python", "torch", "diffusers", "bf16_supported",
-             "loadavg_1_5_15_at_start", "note", "settings", "other_processes_cpu_share", "busy_machine",
-             "loadavg_1_5_15_at_end", "wall_s", "partial"]
+             "cpus_available", "torch_threads", "platform", "python", "torch", "diffusers",
+             "denoising_diffusion_pytorch", "bf16_supported", "loadavg_1_5_15_at_start", "note", "settings",
+             "other_processes_cpu_share", "busy_machine", "loadavg_1_5_15_at_end", "wall_s", "partial"]
 TRAINING_ROW_KEYS = {"model", "setting", "precision", "channels_last", "compile", "optimizer", "extras", "params",
                      "warmup_step_s", "step_s", "median_step_s", "img_per_s", "img_per_s_fastest_step",
                      "step_cpu_s", "median_step_cpu_s", "img_per_cpu_s", "peak_mem_mib", "mem_method",
@@ -222,8 +298,10 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     if importlib.util.find_spec("diffusers") is None:
         pytest.skip("diffusers is not installed (pip install -r requirements-benchmark.txt)")
     out = tmp_path / "bench.json"
-    # One precision, batch 2, one thread: the run's time is mostly its five worker processes starting
-    # (importing torch and diffusers), so each measurement fewer counts.
+    # the optional peer is measured where it can be imported, and skipped (noted in `models`) elsewhere
+    peers = ["diffusers"] + (["lucidrains"] if importlib.util.find_spec("denoising_diffusion_pytorch") else [])
+    # One precision, batch 2, one thread: the run's time is mostly its worker processes starting
+    # (importing torch and the peers' packages), so each measurement fewer counts.
     cmd = [sys.executable, "benchmark.py", "--quick", "--no-paired", "--no-profile", "--device", "cpu",
            "--precision", "float32", "--batch", "2", "--threads", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -241,14 +319,19 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     assert d["paired_training"] == {} and d["profile"] is None
     precisions = ["float32"]
     assert list(d["matmul_ceiling"]) == precisions
-    assert set(d["flops"]) == {"ours", "diffusers"}
+    assert set(d["flops"]) == {"ours", *peers}
     assert all(v["train_per_image"] > 0 for v in d["flops"].values())
-    assert list(d["models"]) == ["ours", "diffusers", "params_ours_over_diffusers"]
+    assert list(d["models"]) == ["ours", "diffusers", "params_ours_over_diffusers"] + (
+        ["lucidrains", "params_ours_over_lucidrains"] if "lucidrains" in peers else ["lucidrains"])
+    for name in peers:
+        assert 0.85 <= d["models"][f"params_ours_over_{name}"] <= 1.15
+    if "lucidrains" not in peers:
+        assert "skipped" in d["models"]["lucidrains"]
 
-    assert len(d["training"]) == 3 * len(precisions)
+    assert [r["model"] for r in d["training"]] == ["ours", *benchmark.peer_labels(peers)] * len(precisions)
     for r in d["training"]:
         assert TRAINING_ROW_KEYS <= set(r) <= TRAINING_ROW_KEYS | {"fraction_of_onednn_fp32_gemm"}
-    assert set(d["sampling"]) == {"ours", "diffusers"}
+    assert set(d["sampling"]) == {"ours", *peers}
     for res in d["sampling"].values():
         assert set(res) == SAMPLING_KEYS and list(res["precisions"]) == precisions
         assert all(set(v) == SAMPLING_PRECISION_KEYS for v in res["precisions"].values())
@@ -256,4 +339,6 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     assert set(d["targets"]) == {"train_speedup_vs_diffusers", "train_fraction_of_matmul_ceiling",
                                  "ddim_64x50_seconds"}
     assert all(v["met"] is None and v["not_judged_because"] == "--quick" for v in d["targets"].values())
-    assert "best ours / best diffusers (any setting)" in d["training_ratios"]
+    for name in peers:
+        assert f"best ours / best {name} (any setting)" in d["training_ratios"]
+        assert f"fp32 ours/{name}" in d["training_ratios"]

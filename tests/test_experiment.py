@@ -286,6 +286,7 @@ def test_experiment_manager_skips_finished_runs_and_tabulates(tmp_path, capsys):
     assert [r["run"] for r in rows] == ["linear", "cosine"]
     assert [r["beta_schedule"] for r in rows] == ["linear", "cosine"]
     assert all(r["final_loss"] > 0 for r in rows)
+    assert all(r["steps"] == 4 and r["img_per_s"] > 0 for r in rows)
     manager.run(progress=False)
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
     manager.write_report()
@@ -306,6 +307,98 @@ def test_experiment_manager_trains_runs_in_parallel_processes(tmp_path, capsys):
         assert "finished" in (tmp_path / "study" / name / "train.log").read_text()
     manager.run(progress=False, parallel=2)
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+
+
+def test_lever_study_changes_one_lever_per_run_from_a_pinned_base(tmp_path):
+    equal_speed = dict.fromkeys(experiment.LEVERS, 0.5)
+    manager = experiment.lever_study(tmp_path, minutes=5.0, seeds=(0, 1), step_times=equal_speed)
+    assert list(manager.configs) == list(experiment.LEVERS) + [f"{n}_seed1" for n in experiment.LEVERS]
+    base = manager.configs["baseline"]
+    assert (base.steps, base.minutes, base.sample_every, base.gif) == (600, None, 0, False)
+    for field, value in experiment.LEVER_STUDY_BASE.items():  # pinned: later changes of the defaults do not move it
+        assert getattr(base, field) == value, field
+    plain = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k != "out_dir"}
+    for name, changes in experiment.LEVERS.items():
+        changed = {k for k, v in plain(manager.configs[name]).items() if v != plain(base)[k]}
+        assert changed == set(changes), name
+        assert plain(manager.configs[f"{name}_seed1"]) == {**plain(manager.configs[name]), "seed": 1}
+
+
+def test_loss_curves_plot_against_training_time_in_minutes(tmp_path, monkeypatch):
+    rows = [dict(step=s, loss=1 / s, train_time_s=30 * s) for s in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    monkeypatch.setattr("matplotlib.axes.Axes.plot", lambda self, x, y, **kw: drawn.append(list(x)))
+    experiment.plot_loss_curves({"run": tmp_path}, tmp_path / "curves.png", smooth=1, x="time")
+    assert drawn == [[s / 2 for s in range(1, 11)]] and (tmp_path / "curves.png").exists()
+    with pytest.raises(ValueError, match="x='epoch' is not allowed: expected 'step' or 'time'"):
+        experiment.plot_loss_curves({"run": tmp_path}, tmp_path / "other.png", x="epoch")
+    assert not (tmp_path / "other.png").exists()
+
+
+@pytest.mark.parametrize("flags,length", [
+    ([], dict(minutes=experiment.MAIN_JOB_MINUTES, epochs=0.0)),        # the main job's budget
+    (["--steps", "40"], dict(steps=40, minutes=None, epochs=0.0)),
+    (["--minutes", "off"], dict(minutes=None, epochs=0.0)),
+    (["--epochs", "2"], dict(epochs=2.0, minutes=None)),
+    (["--minutes", "3"], dict(minutes=3.0, epochs=0.0)),
+])
+def test_a_run_length_flag_replaces_the_length_of_the_base_config(tmp_path, flags, length):
+    parse = lambda extra: experiment.config_from_args(experiment.build_parser().parse_args(["train", *extra]))
+    assert {k: getattr(parse(flags), k) for k in length} == length
+    write_config(tmp_path / "c.json", tmp_path / "run", steps=7, epochs=5.0)   # a file with its own length
+    from_file = parse(["--config", str(tmp_path / "c.json"), *flags])
+    expected = dict(steps=7, epochs=5.0, minutes=None) if not flags else length
+    assert {k: getattr(from_file, k) for k in expected} == expected
+
+
+def test_lever_study_gives_each_lever_the_steps_its_step_time_allows(tmp_path, monkeypatch):
+    measured = []
+
+    speed = [1.0]  # the machine's speed: halved before the second measurement
+
+    def fake_measurement(configs):
+        measured.append(sorted(configs))
+        return {name: speed[0] * 0.5 * cfg.batch_size / 128 * (2 if cfg.dim == 48 else 1)
+                for name, cfg in configs.items()}
+
+    monkeypatch.setattr(experiment, "measure_step_times", fake_measurement)
+    levers = dict(base={}, half_batch=dict(batch_size=64), min_snr=dict(min_snr_gamma=5.0))
+    manager = experiment.lever_study(tmp_path, minutes=1.0, levers=levers)
+    assert {n: c.steps for n, c in manager.configs.items()} == dict(base=120, half_batch=240, min_snr=120)
+    assert json.loads((tmp_path / "step_times.json").read_text()) == dict(base=0.5, half_batch=0.25, min_snr=0.5)
+    speed[0] = 2.0
+    experiment.lever_study(tmp_path, minutes=1.0, levers={**levers, "lr": dict(lr=3e-3), "wide": dict(dim=48)})
+    # the same work per step is measured once; kept times are reused, also for a new lever of the same work;
+    # a new one is measured beside a kept one and scaled by its ratio, so the slower machine shifts nothing
+    assert measured == [["base", "half_batch"], ["base", "wide"]]
+    kept = json.loads((tmp_path / "step_times.json").read_text())
+    assert (kept["lr"], kept["wide"]) == (0.5, 1.0)
+
+
+@pytest.mark.needs_data
+def test_step_times_are_measured_for_every_config(tmp_path):
+    configs = dict(small=tiny_config(tmp_path / "a", batch_size=4), large=tiny_config(tmp_path / "b", batch_size=64))
+    times = experiment.measure_step_times(configs, rounds=2, steps=2, warmup=1)
+    assert set(times) == {"small", "large"} and all(t > 0 for t in times.values())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # measuring writes nothing
+
+
+@pytest.mark.parametrize("flag,value", [("--min-snr-gamma", "off"), ("--min-snr-gamma", "OFF"),
+                                        ("--init-weights", "off")])
+def test_off_turns_an_optional_field_off(tmp_path, flag, value):
+    write_config(tmp_path / "c.json", tmp_path / "run", min_snr_gamma=5.0, init_weights="w.pt")
+    args = experiment.build_parser().parse_args(["train", "--config", str(tmp_path / "c.json"), flag, value])
+    cfg = experiment.config_from_args(args)
+    assert getattr(cfg, flag[2:].replace("-", "_")) is None
+    assert experiment.config_from_args(experiment.build_parser().parse_args(
+        ["train", "--min-snr-gamma", "3"])).min_snr_gamma == 3.0
+
+
+def test_the_defaults_are_the_lever_study_base_with_its_winning_levers():
+    defaults = Config()
+    for field, value in {**experiment.LEVER_STUDY_BASE, **experiment.COMBINED}.items():
+        assert getattr(defaults, field) == value, field
 
 
 @pytest.mark.parametrize("parallel", [0, -1, 1.5])
@@ -443,6 +536,9 @@ def test_fid_is_small_for_real_images_and_large_for_noise_and_blur(dataset):
     assert noise["fid"] > 20 * floor["fid_floor"]
     assert blurred["fid"] > 5 * floor["fid_floor"]
     assert floor["confident_share"] > 0.7 and sum(floor["class_histogram"]) == 1000
+    # the floor's own real images are as confidently classified as another 1000 real ones
+    assert floor["real_confident_share"] == pytest.approx(floor["confident_share"], abs=0.05)
+    assert noise["real_confident_share"] == floor["real_confident_share"]  # a property of the real draw
 
 
 @pytest.mark.needs_data
@@ -696,8 +792,8 @@ def test_bad_time_budget_exits_2_in_one_line_and_writes_nothing(tmp_path, minute
 
 @pytest.mark.needs_data
 def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monkeypatch):
-    """With a clock on which every training step takes 0.5 s, a 0.2-minute (12 s) budget leaves
-    12 - 13 * 0.5 = 5.5 s after the 3 + 10 measured steps: 11 steps."""
+    """With a clock on which every training step takes 0.5 s, a 0.4-minute (24 s) budget leaves
+    24 - 30 * 0.5 = 9 s after the 5 + 25 measured steps: 18 steps."""
     clock = [0.0]
     original = experiment.Experiment.train_step
 
@@ -707,11 +803,11 @@ def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monke
 
     monkeypatch.setattr(experiment.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(experiment.Experiment, "train_step", half_a_second)
-    exp = Experiment(tiny_config(tmp_path / "run", steps=0, minutes=0.2))
+    exp = Experiment(tiny_config(tmp_path / "run", steps=0, minutes=0.4))
     exp.run(progress=False)
     recorded = json.loads((tmp_path / "run" / "budget.json").read_text())
-    assert recorded["steps"] == exp.total_steps == exp.step == 11
-    assert recorded["seconds_per_step"] == 0.5 and recorded["minutes"] == 0.2
+    assert recorded["steps"] == exp.total_steps == exp.step == 18
+    assert recorded["seconds_per_step"] == 0.5 and recorded["minutes"] == 0.4
 
 
 @pytest.mark.slow
@@ -738,6 +834,7 @@ def test_config_of_an_older_run_without_the_sampler_fields_loads_with_the_defaul
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = Config.load(tmp_path / "config.json")
     assert (cfg.sampler, cfg.minutes, cfg.ema_power) == (Config.sampler, None, 0.0)
+    assert cfg.min_snr_gamma is None  # such a run trained without it, whatever today's default
 
 
 def test_min_snr_gamma_reaches_the_diffusion_the_config_builds(tmp_path):

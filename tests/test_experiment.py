@@ -24,7 +24,7 @@ from experiment import Config, ConfigError, Experiment, ExperimentManager
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(dataset="mnist", train_subset=256, dim=8, dim_mults=[1, 2], attn_dim_head=8, timesteps=50,
-            batch_size=32, steps=12, warmup_steps=2, checkpoint_every=4, log_every=2, sample_every=0,
+            batch_size=32, lr=1e-3, steps=12, warmup_steps=2, checkpoint_every=4, log_every=2, sample_every=0,
             num_sample_images=4, sample_steps=5, eval_samples=0, eval_steps=5, gif=False,
             precision="float32", device="cpu")
 
@@ -838,8 +838,8 @@ def test_config_of_an_older_run_without_the_sampler_fields_loads_with_the_defaul
 
 
 def test_min_snr_gamma_reaches_the_diffusion_the_config_builds(tmp_path):
-    assert experiment.build_diffusion(tiny_config(tmp_path, min_snr_gamma=5.0)).min_snr_gamma == 5.0
-    assert experiment.build_diffusion(tiny_config(tmp_path)).min_snr_gamma is None
+    assert experiment.build_diffusion(tiny_config(tmp_path, min_snr_gamma=3.0)).min_snr_gamma == 3.0
+    assert experiment.build_diffusion(tiny_config(tmp_path, min_snr_gamma=None)).min_snr_gamma is None
 
 
 @pytest.mark.parametrize("field,value,message", [

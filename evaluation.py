@@ -181,11 +181,12 @@ class Evaluator:
         fid = self.fid_of_features(feats)
         conf, pred = probs.max(1)
         hist = torch.bincount(pred, minlength=10).tolist()
-        floor = self.floor(min(n, 10000))
+        n_real = min(n, 10000)  # the floor's real images: as many as the samples, at most the test split
+        floor = self.floor(n_real)
         result = dict(dataset=self.dataset, n_samples=n, fid=round(fid, 3), fid_floor=round(floor, 3),
                       fid_over_floor=round(fid / floor, 2),
                       confident_share=round((conf >= confidence).float().mean().item(), 4),
-                      real_confident_share=round(self.real_confident_share(min(n, 10000), confidence), 4),
+                      real_confident_share=round(self.real_confident_share(n_real, confidence), 4),
                       class_histogram=hist, class_share_min=round(min(hist) / n, 4),
                       class_share_max=round(max(hist) / n, 4))
         if labels is not None:

@@ -513,11 +513,9 @@ class Experiment:
         self.build(warmup + timed)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            for i, (batch, labels) in enumerate(self.batches(images, self._labels)):
-                if i == warmup:
-                    t0 = time.perf_counter()
-                self.train_step(batch, labels).item()  # .item() waits for the step to finish
-        step_s = (time.perf_counter() - t0) / timed
+            batches = self.batches(images, self._labels)
+            self.timed_steps(batches, warmup)
+            step_s = self.timed_steps(batches, timed) / timed
         steps = torch.tensor(int((cfg.minutes * 60 - (time.perf_counter() - started)) / step_s))
         if self.world > 1:
             torch.distributed.broadcast(steps, 0)
@@ -526,6 +524,13 @@ class Experiment:
                               f"step, which takes {step_s:.2f} s here")
         return dict(steps=int(steps), minutes=cfg.minutes, seconds_per_step=round(step_s, 4),
                     img_per_s=round(cfg.batch_size / step_s, 1), device=device_name(self.device))
+
+    def timed_steps(self, batches, n):
+        """Seconds that n training steps on the next n of `batches` take (each waited for)."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.train_step(*next(batches)).item()  # .item() waits for the step to finish
+        return time.perf_counter() - t0
 
     # ---- building ----
     def build(self, total_steps):
@@ -1268,20 +1273,12 @@ def measure_step_times(configs, rounds=3, steps=10, warmup=3):
         images = exp.load_training_data()
         exp.build(warmup + rounds * steps)
         runs[name] = (exp, exp.batches(images, exp._labels))
-
-    def train(name, n):
-        exp, batches = runs[name]
-        for _ in range(n):
-            exp.train_step(*next(batches)).item()  # .item() waits for the step to finish
-
-    for name in runs:
-        train(name, warmup)
+    for exp, batches in runs.values():
+        exp.timed_steps(batches, warmup)
     seconds = dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
-        for name in runs:
-            t0 = time.perf_counter()
-            train(name, steps)
-            seconds[name] += time.perf_counter() - t0
+        for name, (exp, batches) in runs.items():
+            seconds[name] += exp.timed_steps(batches, steps)
     return {name: round(s / (rounds * steps), 4) for name, s in seconds.items()}
 
 
@@ -1605,8 +1602,7 @@ def config_from_args(args):
     """The config of `train`: --config's file (else the main job's), with the flags given on top. A
     run length given as a flag (--steps, --epochs or --minutes) replaces the base's length."""
     base = Config.load(args.config).to_dict() if args.config else main_job_config().to_dict()
-    lengths = {name: getattr(args, name, None) for name in ("steps", "epochs", "minutes")}
-    if any(v is not None for v in lengths.values()):
+    if any(getattr(args, name, None) is not None for name in ("steps", "epochs", "minutes")):
         base.update(epochs=0.0, minutes=None)
     for f in dataclasses.fields(Config):
         value = getattr(args, f.name, None)

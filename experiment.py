@@ -625,8 +625,9 @@ class Experiment:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    def resume(self, set_aside_damaged=True):
-        """Load the latest loadable checkpoint, if the run has one.
+    def resume(self, set_aside_damaged=True, training=True):
+        """Load the latest loadable checkpoint, if the run has one (to train on, or with training=False
+        only to sample from: then the run's planned length is not known here and is not printed).
 
         A damaged checkpoint.pt is reported in one line and the run continues from
         checkpoint_prev.pt, saying how many logged steps that loses; with set_aside_damaged the
@@ -651,7 +652,8 @@ class Experiment:
                     problems[0] += "; it was renamed checkpoint_damaged.pt"
                 print(f"warning: {problems[0]}; using {path.name} (step {self.step}), which loses {lost} "
                       f"logged steps", file=sys.stderr)
-            self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}")
+            self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}" if training
+                        else f"loaded {self.out} at step {self.step}")
             return
         raise CheckpointError(f"no loadable checkpoint in {self.out}: " + "; ".join(problems) + ". Nothing "
                               "was changed: restore a good checkpoint.pt there, or train afresh with another "
@@ -958,7 +960,7 @@ class Experiment:
             raise ConfigError(f"{run_dir} holds no checkpoint.pt: not a run directory")
         cfg = Config.load(run_dir / "config.json").replace(out_dir=str(run_dir), **overrides)
         exp = cls(cfg).build(cfg.steps)
-        exp.resume(set_aside_damaged=False)
+        exp.resume(set_aside_damaged=False, training=False)
         return exp
 
     @classmethod
@@ -1213,26 +1215,29 @@ SPEED_FIELDS = ("dataset", "image_size", "channels", "dim", "dim_mults", "resnet
                 "conditional", "batch_size", "device", "precision", "channels_last", "compile")
 
 
-def lever_study(root, minutes, levers=LEVERS, seeds=(0,), step_times=None, **fixed):
+def lever_study(root, minutes, levers=LEVERS, seeds=(0,), repeat=None, step_times=None, **fixed):
     """An ExperimentManager over `levers` ({name: config changes}) applied to LEVER_STUDY_BASE, each
     trained for as many steps as `minutes` of its own step time allow; every seed after the first
-    adds runs named <name>_seed<s>. `fixed` sets fields for all runs (a smaller evaluation, say).
+    adds runs named <name>_seed<s>, and `repeat` ({name: seeds}) adds such runs for chosen levers only
+    (the winner's second seed, say). `fixed` sets fields for all runs (a smaller evaluation, say).
 
     The step times ({name: seconds}) are measured once for all levers, interleaved
     (`measure_step_times`), and kept in <root>/step_times.json, so the study resumes with the same
     lengths. On a machine whose speed drifts by a third within minutes (seen on two shared cores),
     a separate measurement at each run's start would hand out lengths by luck, not by speed.
     """
+    unknown = sorted(set(repeat or {}) - set(levers))
+    if unknown:
+        raise ConfigError(f"repeat={unknown} is not allowed: it names levers of the study, {sorted(levers)}")
     base = Config(**LEVER_STUDY_BASE, sample_every=0, gif=False, log_every=10, **fixed)
     variants = {name: base.replace(**changes) for name, changes in levers.items()}
     if step_times is None:
         step_times = kept_step_times(variants, Path(root) / "step_times.json")
-    configs, names = [], []
-    for seed in seeds:
-        for name, cfg in variants.items():
-            configs.append(cfg.replace(seed=seed, steps=max(1, int(minutes * 60 / step_times[name]))))
-            names.append(name if seed == seeds[0] else f"{name}_seed{seed}")
-    return ExperimentManager(configs, root, names)
+    runs = [(name, seed) for seed in seeds for name in variants]
+    runs += [(name, seed) for name, more in (repeat or {}).items() for seed in more]
+    configs = [variants[name].replace(seed=seed, steps=max(1, int(minutes * 60 / step_times[name])))
+               for name, seed in runs]
+    return ExperimentManager(configs, root, [name if seed == seeds[0] else f"{name}_seed{seed}" for name, seed in runs])
 
 
 def kept_step_times(configs, path):
@@ -1488,6 +1493,30 @@ def sampler_frontier(source, path, n=1000, nfes=(10, 20, 50, 100), spacing_nfes=
     result["complete"] = True
     save()
     return result
+
+
+def default_spacing_rows(frontier):
+    """The frontier's rows at each sampler's default spacing (the others compare spacings)."""
+    return [r for r in frontier["rows"]
+            if r["spacing"] == frontier["default_spacings"][FRONTIER_SAMPLERS[r["sampler"]]["sampler"]]]
+
+
+def frontier_table(frontier):
+    """The frontier as the README shows it: a Markdown table with one row per few-step sampler at its
+    default spacing, one column per NFE, each cell "FID / confident share / ms per image", and
+    DDPM over every timestep as the last row."""
+    def cell(r):
+        return f"{r['fid']:.2f} / {100 * r['confident_share']:.1f}% / {r['ms_per_image']:.0f}"
+    rows = default_spacing_rows(frontier)
+    nfes = sorted({r["nfe"] for r in rows})
+    lines = ["| sampler (default spacing) | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|" + "---|" * len(nfes)]
+    for name in FRONTIER_SAMPLERS:
+        by_nfe = {r["nfe"]: r for r in rows if r["sampler"] == name}
+        lines.append(f"| {name} | " + " | ".join(cell(by_nfe[n]) if n in by_nfe else "" for n in nfes) + " |")
+    ref = frontier["reference"]
+    lines.append(f"| DDPM over every step (reference) | {ref['nfe']} NFE: {cell(ref)} |" + " |" * (len(nfes) - 1))
+    return "\n".join(lines) + "\n"
 
 
 
@@ -1769,7 +1798,8 @@ def cmd_frontier(args):
     _check_count("batch", args.batch)
     sampler_frontier(args.source, args.out, n=args.n, nfes=tuple(args.nfes), spacing_nfes=tuple(args.spacing_nfes),
                      seed=args.seed, batch=args.batch)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}; FID / share classified with confidence >= 0.9 / ms per image:")
+    print(frontier_table(json.loads(Path(args.out).read_text())), end="")
 
 
 def cmd_export(args):

@@ -324,6 +324,17 @@ def test_lever_study_changes_one_lever_per_run_from_a_pinned_base(tmp_path):
         assert plain(manager.configs[f"{name}_seed1"]) == {**plain(manager.configs[name]), "seed": 1}
 
 
+def test_lever_study_repeats_chosen_levers_under_more_seeds_only(tmp_path):
+    equal_speed = dict.fromkeys(experiment.LEVERS, 0.5)
+    manager = experiment.lever_study(tmp_path, minutes=5.0, repeat={"batch_32": (1, 2)}, step_times=equal_speed)
+    assert list(manager.configs) == [*experiment.LEVERS, "batch_32_seed1", "batch_32_seed2"]
+    plain = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k != "out_dir"}
+    assert plain(manager.configs["batch_32_seed2"]) == {**plain(manager.configs["batch_32"]), "seed": 2}
+    with pytest.raises(ConfigError, match=r"repeat=\['wider'\] is not allowed: it names levers of the study"):
+        experiment.lever_study(tmp_path / "x", minutes=5.0, repeat={"wider": (1,)}, step_times=equal_speed)
+    assert not (tmp_path / "x").exists()
+
+
 def test_loss_curves_plot_against_training_time_in_minutes(tmp_path, monkeypatch):
     rows = [dict(step=s, loss=1 / s, train_time_s=30 * s) for s in range(1, 11)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -987,6 +998,23 @@ def test_frontier_interrupted_resumes_without_drawing_the_finished_sets_again(ti
     strip = lambda r: {k: v for k, v in r.items() if k != "ms_per_image"}
     assert [strip(r) for r in resumed["rows"]] == [strip(r) for r in full["rows"]]
     assert strip(resumed["reference"]) == strip(full["reference"])
+
+
+def test_frontier_table_shows_each_default_spacing_row_once_and_the_reference():
+    """The README's frontier tables come from frontier_table: on the stored MNIST frontier, every cell
+    is its default-spacing row's FID / confident share / ms per image; other spacings are left out."""
+    frontier = json.loads((REPO / "data" / "DDPM_sampler_frontier.json").read_text())
+    lines = experiment.frontier_table(frontier).splitlines()
+    nfes = sorted({r["nfe"] for r in frontier["rows"]})
+    assert lines[0] == "| sampler (default spacing) | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
+    body = {line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:]}
+    assert list(body) == [*experiment.FRONTIER_SAMPLERS, "DDPM over every step (reference)"]
+    for r in frontier["rows"]:
+        default = frontier["default_spacings"][experiment.FRONTIER_SAMPLERS[r["sampler"]]["sampler"]]
+        shown = f"{r['fid']:.2f} / {100 * r['confident_share']:.1f}% / {r['ms_per_image']:.0f}"
+        assert (body[r["sampler"]][nfes.index(r["nfe"])] == shown) == (r["spacing"] == default), r
+    ref = frontier["reference"]
+    assert body["DDPM over every step (reference)"][0].startswith(f"{ref['nfe']} NFE: {ref['fid']:.2f} / ")
 
 
 @pytest.mark.needs_data

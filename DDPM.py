@@ -1,4 +1,4 @@
-# from DDPM.ipynb, cell 3 ("DDPM, built step by step")
+# from DDPM.ipynb, cell 4 ("DDPM, built step by step")
 """Denoising Diffusion Probabilistic Models (Ho et al. 2020), sampled with DDPM, DDIM (Song et al.
 2021) or DPM-Solver++ (Lu et al. 2022).
 
@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-# from DDPM.ipynb, cell 5 ("DDPM, built step by step")
+# from DDPM.ipynb, cell 6 ("DDPM, built step by step")
 def keep_freed_memory(keep=1 << 30):
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -44,7 +44,7 @@ def keep_freed_memory(keep=1 << 30):
 MALLOC_TUNED = keep_freed_memory()
 
 
-# from DDPM.ipynb, cell 14 ("2. Noise schedules")
+# from DDPM.ipynb, cell 15 ("2. Noise schedules")
 def _check_timesteps(timesteps):
     if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
@@ -63,7 +63,7 @@ def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
-# from DDPM.ipynb, cell 16 ("2. Noise schedules")
+# from DDPM.ipynb, cell 17 ("2. Noise schedules")
 def quadratic_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
     """Betas whose square roots rise linearly: slower noising early on than the linear schedule."""
     _check_timesteps(timesteps)
@@ -82,7 +82,7 @@ def sigmoid_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02, steepness=6
     return beta_start + x * (beta_end - beta_start)
 
 
-# from DDPM.ipynb, cell 18 ("2. Noise schedules")
+# from DDPM.ipynb, cell 19 ("2. Noise schedules")
 def cosine_beta_schedule(timesteps, s=0.008):
     """Nichol & Dhariwal (2021): alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas clipped at 0.999."""
     _check_timesteps(timesteps)
@@ -103,13 +103,13 @@ BETA_SCHEDULES = {
 }
 
 
-# from DDPM.ipynb, cell 27 ("3. The forward process on real images")
+# from DDPM.ipynb, cell 28 ("3. The forward process on real images")
 def extract(a, t, x_shape):
     """Pick a[t] for every image of the batch and shape it to broadcast over (B, C, H, W)."""
     return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-# from DDPM.ipynb, cell 31 ("4. Sinusoidal timestep embeddings")
+# from DDPM.ipynb, cell 32 ("4. Sinusoidal timestep embeddings")
 class SinusoidalPosEmb(nn.Module):
     """The transformer's sinusoidal position encoding, applied to the timestep t."""
 
@@ -126,7 +126,7 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((args.sin(), args.cos()), dim=-1)
 
 
-# from DDPM.ipynb, cell 35 ("5.1 ResNet blocks conditioned on time")
+# from DDPM.ipynb, cell 36 ("5.1 ResNet blocks conditioned on time")
 class Block(nn.Module):
     """3x3 convolution, GroupNorm, optional scale and shift from the time embedding, SiLU."""
 
@@ -165,7 +165,7 @@ class ResnetBlock(nn.Module):
         return h + self.res_conv(x)
 
 
-# from DDPM.ipynb, cell 38 ("5.2 Linear attention in the down and up paths")
+# from DDPM.ipynb, cell 39 ("5.2 Linear attention in the down and up paths")
 class LinearAttention(nn.Module):
     """Attention whose cost grows linearly with the number of pixels (Shen et al. 2021).
 
@@ -192,7 +192,7 @@ class LinearAttention(nn.Module):
         return x + self.to_out(out.reshape(b, -1, h, w))
 
 
-# from DDPM.ipynb, cell 41 ("5.3 Full attention at the bottleneck")
+# from DDPM.ipynb, cell 42 ("5.3 Full attention at the bottleneck")
 class Attention(nn.Module):
     """Multi-head self-attention over all pixels, through scaled_dot_product_attention."""
 
@@ -212,7 +212,7 @@ class Attention(nn.Module):
         return x + self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 
-# from DDPM.ipynb, cell 44 ("5.4 Down- and upsampling")
+# from DDPM.ipynb, cell 45 ("5.4 Down- and upsampling")
 class Downsample(nn.Module):
     """Halve the resolution without losing information: pixel-unshuffle 2x2 patches into
     channels (H x W x C -> H/2 x W/2 x 4C), then mix them with a 1x1 convolution."""
@@ -236,7 +236,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-# from DDPM.ipynb, cell 47 ("5.5 The whole network")
+# from DDPM.ipynb, cell 48 ("5.5 The whole network")
 class Unet(nn.Module):
     """The noise-prediction network: a U-Net conditioned on the timestep.
 
@@ -378,7 +378,7 @@ class Unet(nn.Module):
         return self.final_conv(x)
 
 
-# from DDPM.ipynb, cell 54 ("Which timesteps: spacing for the few-step samplers")
+# from DDPM.ipynb, cell 55 ("Which timesteps: spacing for the few-step samplers")
 SPACINGS = ("uniform", "logsnr", "quadratic")
 
 
@@ -424,7 +424,7 @@ def sampling_timesteps(alphas_cumprod, sampling_steps, spacing="uniform"):
     return list(zip(times, times[1:] + [-1]))
 
 
-# from DDPM.ipynb, cell 57 ("DPM-Solver++(2M): a second-order step for the price of one evaluation")
+# from DDPM.ipynb, cell 58 ("DPM-Solver++(2M): a second-order step for the price of one evaluation")
 def dpm_solver_pp_update(x, x0, alpha_bar, alpha_bar_next, previous=None, noise=None):
     """One step of DPM-Solver++ (Lu et al. 2022) from timestep t to the next, less noisy one.
 
@@ -449,7 +449,7 @@ def dpm_solver_pp_update(x, x0, alpha_bar, alpha_bar_next, previous=None, noise=
             + sigma_next * math.sqrt(-math.expm1(-2 * h)) * noise)
 
 
-# from DDPM.ipynb, cell 59 ("The class")
+# from DDPM.ipynb, cell 60 ("The class")
 class GaussianDiffusion(nn.Module):
     """The DDPM forward process, its training loss, and the samplers: DDPM, DDIM, DPM-Solver++(2M)
     and SDE-DPM-Solver++(2M), all through `sample`.

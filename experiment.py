@@ -652,8 +652,10 @@ class Experiment:
                     problems[0] += "; it was renamed checkpoint_damaged.pt"
                 print(f"warning: {problems[0]}; using {path.name} (step {self.step}), which loses {lost} "
                       f"logged steps", file=sys.stderr)
-            self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}" if training
-                        else f"loaded {self.out} at step {self.step}")
+            if training:
+                self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}")
+            elif self.is_main:  # on stderr: `evaluate` and `sample` keep stdout for their results
+                print(f"loaded {self.out} at step {self.step}", file=sys.stderr)
             return
         raise CheckpointError(f"no loadable checkpoint in {self.out}: " + "; ".join(problems) + ". Nothing "
                               "was changed: restore a good checkpoint.pt there, or train afresh with another "

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # The notebooks that open with the badge and the set-up cell; the others get them when they are
 # next executed (a stored notebook is one clean run).
-COLAB_NOTEBOOKS = ["DDPM.ipynb"]
+COLAB_NOTEBOOKS = ["DDPM.ipynb", "toy_diffusion.ipynb"]
 BADGE = re.compile(r"\(https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/([^)]+)\)")
 
 
@@ -36,6 +36,11 @@ def test_notebook_opens_with_a_colab_badge_for_itself_and_the_repository_the_cel
     repository, path = BADGE.search(first).groups()
     assert path == name
     assert repository == default_repository(setup_cell(name))
+
+
+def test_every_notebook_has_the_same_setup_cell():
+    sources = {name: setup_cell(name) for name in COLAB_NOTEBOOKS}
+    assert len(sources) > 1 and len(set(sources.values())) == 1, "the Colab set-up cells differ between notebooks"
 
 
 def run_setup_cell(workdir, force_colab, then=""):

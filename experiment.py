@@ -627,7 +627,7 @@ class Experiment:
 
     def resume(self, set_aside_damaged=True, training=True):
         """Load the latest loadable checkpoint, if the run has one (to train on, or with training=False
-        only to sample from: then the run's planned length is not known here and is not printed).
+        only to sample from: then nothing is printed, and the run's planned length is not known here).
 
         A damaged checkpoint.pt is reported in one line and the run continues from
         checkpoint_prev.pt, saying how many logged steps that loses; with set_aside_damaged the
@@ -652,10 +652,8 @@ class Experiment:
                     problems[0] += "; it was renamed checkpoint_damaged.pt"
                 print(f"warning: {problems[0]}; using {path.name} (step {self.step}), which loses {lost} "
                       f"logged steps", file=sys.stderr)
-            if training:
+            if training:  # loaded only to sample from: silent (`evaluate` prints JSON, errors are one line)
                 self._print(f"resuming {self.out} from step {self.step}/{self.total_steps}")
-            elif self.is_main:  # on stderr: `evaluate` and `sample` keep stdout for their results
-                print(f"loaded {self.out} at step {self.step}", file=sys.stderr)
             return
         raise CheckpointError(f"no loadable checkpoint in {self.out}: " + "; ".join(problems) + ". Nothing "
                               "was changed: restore a good checkpoint.pt there, or train afresh with another "

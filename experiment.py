@@ -1796,10 +1796,10 @@ def cmd_make_colour_digits(args):
 def cmd_frontier(args):
     _check_count("n", args.n)
     _check_count("batch", args.batch)
-    sampler_frontier(args.source, args.out, n=args.n, nfes=tuple(args.nfes), spacing_nfes=tuple(args.spacing_nfes),
-                     seed=args.seed, batch=args.batch)
+    result = sampler_frontier(args.source, args.out, n=args.n, nfes=tuple(args.nfes),
+                              spacing_nfes=tuple(args.spacing_nfes), seed=args.seed, batch=args.batch)
     print(f"wrote {args.out}; FID / share classified with confidence >= 0.9 / ms per image:")
-    print(frontier_table(json.loads(Path(args.out).read_text())), end="")
+    print(frontier_table(result), end="")
 
 
 def cmd_export(args):

@@ -167,7 +167,7 @@ def test_summarise_ratios_per_setting_and_best_against_best():
         # the compiled row has no diffusers counterpart, but it can be our best
         "best ours / best diffusers (any setting)": 400 / 80,
         "best ours / best idiomatic diffusers": 400 / 80})
-    assert s["best_ours"]["setting"] == "bf16+compile" and s["best_theirs"]["setting"] == "fp32"
+    assert s["best_ours"]["setting"] == "bf16+compile" and s["best_theirs"]["diffusers"]["setting"] == "fp32"
     assert s["ratios_cpu"]["bf16 ours/diffusers"] == pytest.approx(100 / 25)
     assert s["best_ours_cpu"]["setting"] == "bf16"  # the compiled row has no CPU time: left out
     assert benchmark.summarise(training, by_cpu_time=False)["ratios_cpu"] == {}
@@ -184,13 +184,13 @@ def test_summarise_ratios_for_every_peer():
         "best ours / best lucidrains (any setting)": 200 / 125,
         "best ours / best idiomatic lucidrains": 200 / 125})
     assert s["ratios"]["best ours / best diffusers (any setting)"] == pytest.approx(200 / 80)
-    assert s["best_theirs"]["model"] == "diffusers"  # the speedup target is stated against diffusers
+    assert {peer: r["model"] for peer, r in s["best_theirs"].items()} == dict(diffusers="diffusers", lucidrains="lucidrains")
     assert s["ratios_cpu"]["fp32 ours/lucidrains"] == pytest.approx(50 / 25)
 
 
 def test_summarise_without_results():
     s = benchmark.summarise([dict(model="ours", setting="fp32", error="timed out after 900 s")], by_cpu_time=True)
-    assert s["ratios"] == {} and s["best_ours"] is None and s["best_theirs"] is None
+    assert s["ratios"] == {} and s["best_ours"] is None and set(s["best_theirs"].values()) == {None}
     assert benchmark.judge_targets(s, {}, {}, batch=64, ddim_steps=50) == {}
 
 
@@ -199,29 +199,41 @@ def sampling(ddim_fp32, ddim_bf16):
             "diffusers": {"error": "worker exited with status 1"}}
 
 
-def judge(training, ddim=(14.0, 9.0), batch=64, ddim_steps=50, paired=None):
+def judge(training, ddim=(4.0, 2.5), batch=64, ddim_steps=50, paired=None):
     summary = benchmark.summarise(training, by_cpu_time=True)
     return benchmark.judge_targets(summary, paired or {}, sampling(*ddim), batch=batch, ddim_steps=ddim_steps)
 
 
 def test_targets_met():
-    targets = judge(rows(ours_bf16=250.0, fraction=0.6), ddim=(14.0, 9.0))
+    targets = judge(rows(ours_bf16=250.0, fraction=0.3), ddim=(4.0, 2.5))
     assert {k: v["met"] for k, v in targets.items()} == {
         "train_speedup_vs_diffusers": True, "train_fraction_of_matmul_ceiling": True, "ddim_64x50_seconds": True}
     speedup = targets["train_speedup_vs_diffusers"]
     assert speedup["measured"] == pytest.approx(250 / 80)
     assert speedup["measured_by_cpu_time"] == pytest.approx(100 / 40)
     assert speedup["detail"] == "ours bf16 vs diffusers fp32"
-    assert targets["train_fraction_of_matmul_ceiling"]["measured"] == pytest.approx(0.6)
-    assert targets["ddim_64x50_seconds"]["measured"] == 9.0  # the faster precision
+    assert targets["train_fraction_of_matmul_ceiling"]["measured"] == pytest.approx(0.3)
+    assert targets["ddim_64x50_seconds"]["measured"] == 2.5  # the faster precision
     assert targets["ddim_64x50_seconds"]["detail"] == "ours bfloat16, 64 images x 50 steps"
 
 
 def test_targets_not_met():
-    targets = judge(rows(ours_bf16=150.0, fraction=0.3), ddim=(14.0, 11.0))
+    targets = judge(rows(ours_bf16=150.0, fraction=0.2), ddim=(14.0, 3.5))
     assert {k: v["met"] for k, v in targets.items()} == {
         "train_speedup_vs_diffusers": False, "train_fraction_of_matmul_ceiling": False, "ddim_64x50_seconds": False}
     assert targets["train_speedup_vs_diffusers"]["measured"] == pytest.approx(150 / 80)
+
+
+@pytest.mark.parametrize("theirs, met", [(125.0, True), (140.0, False)])
+def test_each_measured_peer_has_its_own_speedup_target(theirs, met):
+    training = rows(ours_bf16=200.0) + [row("lucidrains", "bf16", theirs, 50.0), row("lucidrains-matched", "fp32", 60.0)]
+    paired = {"bfloat16": {"ours_over": {"diffusers": {"median_of_round_ratios": 3.5},
+                                         "lucidrains": {"median_of_round_ratios": 1.4}}}}
+    target = judge(training, paired=paired)["train_speedup_vs_lucidrains"]
+    assert benchmark.TARGETS["train_speedup_vs_lucidrains"] == 1.5
+    assert target["measured"] == pytest.approx(200 / theirs) and target["met"] is met
+    assert target["detail"] == "ours bf16 vs lucidrains bf16"
+    assert target["paired_same_precision"] == {"bfloat16": 1.4}
 
 
 def test_ddim_target_judged_only_at_its_own_setting():
@@ -233,7 +245,7 @@ def test_paired_ratios_are_attached_to_the_speedup_target():
     paired = {"float32": {"ours_over": {"diffusers": {"median_of_round_ratios": 1.5}}},
               "bfloat16": {"error": "timed out after 900 s"}}
     target = judge(rows(), paired=paired)["train_speedup_vs_diffusers"]
-    assert target["paired_same_precision"] == {"float32": {"diffusers": 1.5}}
+    assert target["paired_same_precision"] == {"float32": 1.5}
 
 
 @pytest.mark.parametrize("quick, busy, reason", [
@@ -336,9 +348,20 @@ def test_quick_benchmark_writes_the_json(tmp_path):
         assert set(res) == SAMPLING_KEYS and list(res["precisions"]) == precisions
         assert all(set(v) == SAMPLING_PRECISION_KEYS for v in res["precisions"].values())
 
-    assert set(d["targets"]) == {"train_speedup_vs_diffusers", "train_fraction_of_matmul_ceiling",
+    assert set(d["targets"]) == {*(f"train_speedup_vs_{name}" for name in peers), "train_fraction_of_matmul_ceiling",
                                  "ddim_64x50_seconds"}
     assert all(v["met"] is None and v["not_judged_because"] == "--quick" for v in d["targets"].values())
     for name in peers:
         assert f"best ours / best {name} (any setting)" in d["training_ratios"]
         assert f"fp32 ours/{name}" in d["training_ratios"]
+
+
+# ---- the README's speed tables are the stored runs' ----
+
+STORED_RUNS = sorted((Path(__file__).resolve().parent.parent / "data").glob("benchmark_*.json"))
+
+
+@pytest.mark.parametrize("path", STORED_RUNS, ids=lambda p: p.stem)
+def test_the_readme_shows_each_stored_runs_speed_table(path):
+    readme = (path.parent.parent / "README.md").read_text()
+    assert STORED_RUNS and benchmark.speed_table(json.loads(path.read_text())) in readme

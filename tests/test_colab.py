@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # The notebooks that open with the badge and the set-up cell; the others get them when they are
 # next executed (a stored notebook is one clean run).
-COLAB_NOTEBOOKS = ["DDPM.ipynb", "toy_diffusion.ipynb"]
+COLAB_NOTEBOOKS = ["DDPM.ipynb", "toy_diffusion.ipynb", "conditional_diffusion.ipynb"]
 BADGE = re.compile(r"\(https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/([^)]+)\)")
 
 

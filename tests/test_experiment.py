@@ -363,6 +363,25 @@ def test_a_run_length_flag_replaces_the_length_of_the_base_config(tmp_path, flag
     assert {k: getattr(from_file, k) for k in expected} == expected
 
 
+def test_the_main_job_is_the_train_base_config_made_class_conditional(monkeypatch):
+    trained = []
+    monkeypatch.setattr(experiment, "_run_training", lambda cfg, progress=True: trained.append(cfg))
+    assert experiment.main([]) == 0
+    train = experiment.config_from_args(experiment.build_parser().parse_args(["train"]))
+    assert train == experiment.Config(minutes=experiment.MAIN_JOB_MINUTES) and not train.conditional
+    assert trained == [train.replace(conditional=True, guidance=experiment.MAIN_JOB_GUIDANCE)]
+
+
+@pytest.mark.parametrize("device, mode", [("cpu", "default"), ("cuda", "reduce-overhead")])
+def test_compile_captures_cuda_graphs_on_a_gpu_only(tmp_path, monkeypatch, device, mode):
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: asked.append(mode) or module)
+    exp = experiment.Experiment(tiny_config(tmp_path)).build(4)
+    exp.device = torch.device(device)  # no GPU here: the trial step fails and the run would stay eager
+    exp._compiled()
+    assert asked == [mode]
+
+
 def test_lever_study_gives_each_lever_the_steps_its_step_time_allows(tmp_path, monkeypatch):
     measured = []
 

@@ -1114,7 +1114,7 @@ def judge_targets(summary, paired, sampling, batch, ddim_steps):
     """Each target that the run measured: target, measured value, met (True, False, None: not judged)."""
     targets = {}
     for peer, theirs in summary["best_theirs"].items():
-        if summary["best_ours"] and theirs:
+        if summary["best_ours"] and theirs and f"train_speedup_vs_{peer}" in TARGETS:
             targets[f"train_speedup_vs_{peer}"] = speedup_target(summary, paired, peer)
     if summary["best_ours"]:
         targets["train_fraction_of_matmul_ceiling"] = ceiling_target(summary)
@@ -1278,7 +1278,7 @@ def speed_table(results):
         return "| " + " | ".join(cells) + " |"
 
     models = ["ours", *peers]
-    out = ["| | ours | " + " | ".join(f"{p} | ours/{p}" for p in peers) + " |",
+    out = ["| | ours |" + "".join(f" {p} | ours/{p} |" for p in peers),
            "|---|---|" + "---|---|" * len(peers)]
     precisions = [p for p in ("float32", "bfloat16") if any(r["precision"] == p for r in rows)]
     for precision in precisions:
@@ -1288,7 +1288,9 @@ def speed_table(results):
                     {m: max(filter(None, (img_per_s(m, p) for p in precisions)), default=None) for m in models}))
     ddim = {m: min((v["ddim_s"] for v in results["sampling"].get(m, {}).get("precisions", {}).values()), default=None)
             for m in models}
-    out.append("| 64 images x 50 DDIM steps, best precision, s | " + " | ".join(
+    settings = results.get("meta", {}).get("settings", {})
+    batch, steps = settings.get("batch", DDIM_TARGET_BATCH), settings.get("ddim_steps", DDIM_TARGET_STEPS)
+    out.append(f"| {batch} images x {steps} DDIM steps, best precision, s | " + " | ".join(
         [fmt(ddim["ours"], ".2f")] + [c for p in peers for c in (fmt(ddim[p], ".2f"), "")]) + " |")
     ceiling = "bfloat16" if "bfloat16" in precisions else "float32"
     share = {m: max((r["fraction_of_matmul_ceiling"] for r in rows

@@ -365,3 +365,24 @@ STORED_RUNS = sorted((Path(__file__).resolve().parent.parent / "data").glob("ben
 def test_the_readme_shows_each_stored_runs_speed_table(path):
     readme = (path.parent.parent / "README.md").read_text()
     assert STORED_RUNS and benchmark.speed_table(json.loads(path.read_text())) in readme
+
+
+def test_speed_table_has_a_column_pair_per_measured_peer_and_skips_the_others():
+    training = rows() + [row("lucidrains", "bf16", 125.0, 50.0), row("lucidrains-matched", "fp32", 60.0),
+                         row("ours", "bf16", 300.0, compile=True)]  # compiled: not in the table
+    for r in training:
+        r.setdefault("channels_last", False)
+    sampling = {"ours": {"precisions": {"float32": {"ddim_s": 4.0}, "bfloat16": {"ddim_s": 2.5}}},
+                "diffusers": {"error": "worker exited with status 1"},
+                "lucidrains": {"precisions": {"bfloat16": {"ddim_s": 5.0}}}}
+    results = dict(models=dict(ours={"params": 1}, diffusers={"params": 1}, lucidrains={"params": 1}),
+                   training=training, sampling=sampling)
+    table = benchmark.speed_table(results).splitlines()
+    assert table[0] == "| | ours | diffusers | ours/diffusers | lucidrains | ours/lucidrains |"
+    assert table[2] == "| training img/s, float32 | 100.0 | 80.0 | 1.25x | 60.0 | 1.67x |"
+    assert table[3] == "| training img/s, bfloat16 autocast | 200.0 | 50.0 | 4.00x | 125.0 | 1.60x |"
+    assert table[4] == "| training img/s, best setting of each | 200.0 | 80.0 | 2.50x | 125.0 | 1.60x |"
+    assert table[5] == "| 64 images x 50 DDIM steps, best precision, s | 2.50 | - |  | 5.00 |  |"
+    assert table[6] == "| training step, % of the bfloat16 matmul ceiling | 30.0% | 30.0% |  | 30.0% |  |"
+    results["models"]["lucidrains"] = {"skipped": "not installed"}
+    assert "lucidrains" not in benchmark.speed_table(results)

@@ -369,7 +369,8 @@ def test_the_main_job_is_the_train_base_config_made_class_conditional(monkeypatc
     assert experiment.main([]) == 0
     train = experiment.config_from_args(experiment.build_parser().parse_args(["train"]))
     assert train == experiment.Config(minutes=experiment.MAIN_JOB_MINUTES) and not train.conditional
-    assert trained == [train.replace(conditional=True, guidance=experiment.MAIN_JOB_GUIDANCE)]
+    assert trained == [train.replace(conditional=True, guidance=experiment.MAIN_JOB_GUIDANCE, out_dir="runs/main_job")]
+    assert train.out_dir != "runs/main_job"  # two different models never share a run folder
 
 
 @pytest.mark.parametrize("device, mode", [("cpu", "default"), ("cuda", "reduce-overhead")])
@@ -970,6 +971,20 @@ def tiny_weights(tmp_path):
     Experiment(tiny_config(tmp_path / "run", steps=2)).run(progress=False)
     experiment.export_weights(tmp_path / "run", tmp_path / "tiny_ema.pt")
     return tmp_path / "tiny_ema.pt"
+
+
+@pytest.mark.needs_data
+def test_weights_fine_tuned_from_a_file_that_is_gone_still_load(tmp_path):
+    start = tmp_path / "start_ema.pt"   # the first stage's weights: on the trainer's disk only
+    Experiment(tiny_config(tmp_path / "stage1", steps=2)).run(progress=False)
+    experiment.export_weights(tmp_path / "stage1", start)
+    Experiment(tiny_config(tmp_path / "stage2", steps=2, init_weights=str(start))).run(progress=False)
+    experiment.export_weights(tmp_path / "stage2", tmp_path / "shipped_ema.pt")
+    start.unlink()
+    shipped = Experiment.from_weights(tmp_path / "shipped_ema.pt")
+    assert shipped.cfg.init_weights == str(start)   # the record of where training started stays
+    assert_same_tensors(shipped.ema.module.state_dict(), torch.load(tmp_path / "shipped_ema.pt", weights_only=True))
+    assert Experiment.from_run_dir(tmp_path / "stage2").step == 2
 
 
 @pytest.mark.needs_data

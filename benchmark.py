@@ -1265,9 +1265,11 @@ def speed_table(results):
     peers = [name for name in PEERS if "params" in results["models"].get(name, {})]
     rows = [r for r in results["training"] if "error" not in r and not r["compile"] and not r["channels_last"]]
 
-    def img_per_s(model, precision):  # a peer's best of its variants (as documented, matched to our loop)
+    def best(model, precision, key):  # a peer's best of its variants (as documented, matched to our loop)
         labels = {"ours"} if model == "ours" else set(peer_labels([model]))
-        return max((r["img_per_s"] for r in rows if r["model"] in labels and r["precision"] == precision), default=None)
+        return max((r[key] for r in rows if r["model"] in labels and r["precision"] == precision), default=None)
+
+    img_per_s = lambda model, precision: best(model, precision, "img_per_s")
 
     def ratio(ours, theirs):
         return f"{ours / theirs:.2f}x" if ours and theirs else "-"
@@ -1293,9 +1295,7 @@ def speed_table(results):
     out.append(f"| {batch} images x {steps} DDIM steps, best precision, s | " + " | ".join(
         [fmt(ddim["ours"], ".2f")] + [c for p in peers for c in (fmt(ddim[p], ".2f"), "")]) + " |")
     ceiling = "bfloat16" if "bfloat16" in precisions else "float32"
-    share = {m: max((r["fraction_of_matmul_ceiling"] for r in rows
-                     if r["precision"] == ceiling and r["model"] in ({"ours"} if m == "ours" else set(peer_labels([m])))),
-                    default=None) for m in models}
+    share = {m: best(m, ceiling, "fraction_of_matmul_ceiling") for m in models}
     percent = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     out.append(f"| training step, % of the {ceiling} matmul ceiling | " + " | ".join(
         [percent(share["ours"])] + [c for p in peers for c in (percent(share[p]), "")]) + " |")

@@ -1261,11 +1261,15 @@ def print_targets(targets, meta):
 def speed_table(results):
     """The README's table of one run (markdown): training images/s per precision, ours against the
     best variant of each measured peer, best against best, 64 images x 50 DDIM steps, and our
-    training step as a share of the bf16 (else float32) matmul ceiling."""
-    peers = [name for name in PEERS if "params" in results["models"].get(name, {})]
-    rows = [r for r in results["training"] if "error" not in r and not r["compile"] and not r["channels_last"]]
+    training step as a share of the bf16 (else float32) matmul ceiling.
 
-    def best(model, precision, key):  # a peer's best of its variants (as documented, matched to our loop)
+    Each cell is a model's best row at that precision over the measured memory layouts (NCHW and,
+    with --channels-last, channels_last), as the judged targets count them; compiled rows
+    (--compile) are left out: their compile time is not in their throughput."""
+    peers = [name for name in PEERS if "params" in results["models"].get(name, {})]
+    rows = [r for r in results["training"] if "error" not in r and not r["compile"]]
+
+    def best(model, precision, key):  # a model's best of its variants (layouts; a peer's documented or matched)
         labels = {"ours"} if model == "ours" else set(peer_labels([model]))
         return max((r[key] for r in rows if r["model"] in labels and r["precision"] == precision), default=None)
 

@@ -1215,6 +1215,13 @@ LEVERS = {
 }
 # the levers that won, together: Config's defaults since the study (and so the main job's)
 COMBINED = dict(batch_size=32, lr=2e-3, min_snr_gamma=5.0)
+# At the main job's budget class conditioning bought more quality than any other lever (README, "The
+# main job"), so the main job trains a class-conditional model and samples it with this guidance scale.
+MAIN_JOB_GUIDANCE = 1.5
+# What the study measures on top of COMBINED: COMBINED itself, and COMBINED made class-conditional
+# as the main job is (sampled with its guidance scale).
+ON_COMBINED = {"combined": COMBINED,
+               "combined_conditional": dict(COMBINED, conditional=True, guidance=MAIN_JOB_GUIDANCE)}
 
 
 # the fields that change how long one training step takes
@@ -1627,9 +1634,6 @@ def _add_sampler_flags(p):
 
 
 MAIN_JOB_MINUTES = 15.0  # the main job trains for this long on any machine; its steps follow from the speed
-# At that budget class conditioning bought more quality than any other lever (README, "The main job"),
-# so the main job trains a class-conditional model and samples it with this guidance scale.
-MAIN_JOB_GUIDANCE = 1.5
 MAIN_JOB_DIR = "runs/main_job"  # not train's default folder: a run there would resume the other model
 
 

@@ -432,6 +432,19 @@ def test_the_defaults_are_the_lever_study_base_with_its_winning_levers():
         assert getattr(defaults, field) == value, field
 
 
+def test_the_studys_conditional_lever_is_the_main_job_on_the_study_base(tmp_path):
+    """`combined_conditional` differs from `combined` only as the main job differs from `train`'s
+    unconditional base: class conditioning, sampled with the main job's guidance scale."""
+    manager = experiment.lever_study(tmp_path, minutes=5.0, levers=experiment.ON_COMBINED,
+                                     step_times=dict.fromkeys(experiment.ON_COMBINED, 0.3))
+    unconditional, conditional = (manager.configs[n].to_dict() for n in ("combined", "combined_conditional"))
+    changed = {k for k in unconditional if unconditional[k] != conditional[k]} - {"out_dir"}
+    assert changed == {"conditional", "guidance"}
+    main = experiment.main_job_config()
+    assert (conditional["conditional"], conditional["guidance"]) == (main.conditional, main.guidance) == (True, 1.5)
+    assert unconditional["conditional"] is experiment.train_base_config().conditional is False
+
+
 @pytest.mark.parametrize("parallel", [0, -1, 1.5])
 def test_experiment_manager_rejects_invalid_parallel(tmp_path, parallel):
     manager = ExperimentManager([tiny_config("x")], tmp_path / "study")
@@ -453,6 +466,9 @@ gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 if dist.get_rank() == 0:
     torch.save(torch.stack(gathered), {out!r})
+# Both ranks tear gloo down together: rank 1 destroying its group while rank 0 still saved once
+# ended in "terminate called without an active exception" (SIGABRT) in CI.
+dist.barrier()
 dist.destroy_process_group()
 """
 

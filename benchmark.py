@@ -44,6 +44,7 @@ import argparse
 import datetime
 import gc
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -68,6 +69,23 @@ RESULT_TAG = "@@BENCHMARK_RESULT "
 # (channels, height, width) of the default config's dataset, which experiment.build_diffusion's
 # U-Net is built for. Everything below that needs an image size takes it from here.
 IMAGE_SHAPE = experiment.data.IMAGE_SHAPE[experiment.Config().dataset]
+
+# Our U-Net is measured twice: at the experiment's default config ("ours", which the peers are
+# matched to and the targets judge) and at DDPM.Unet's own constructor defaults ("ours-unet-defaults":
+# the config's dim, with the constructor's depth and attention width), the network a user of
+# `import DDPM` gets from `Unet(dim=32)`.
+OURS_AT_UNET_DEFAULTS = "ours-unet-defaults"
+OUR_MODELS = ("ours", OURS_AT_UNET_DEFAULTS)
+
+
+def our_config(model):
+    """experiment.Config of one of OUR_MODELS."""
+    cfg = experiment.Config()
+    if model == OURS_AT_UNET_DEFAULTS:
+        params = inspect.signature(experiment.DDPM.Unet).parameters
+        cfg = cfg.replace(**{f: params[f].default for f in ("dim_mults", "resnet_blocks", "attn_dim_head")})
+    return cfg
+
 
 BUSY_SHARE = 0.10  # other processes' share of the CPUs above which a CPU run counts as contended
 
@@ -401,8 +419,9 @@ def _random_batch(batch):
 
 
 def build_our_experiment(spec, device):
-    """experiment.Experiment at the default config, built exactly as `experiment.py train` builds it."""
-    cfg = experiment.Config().replace(
+    """experiment.Experiment at spec["model"]'s config (see OUR_MODELS), built exactly as `experiment.py
+    train` builds it."""
+    cfg = our_config(spec["model"]).replace(
         device=device.type, batch_size=spec["batch"], precision=spec["precision"],
         channels_last=spec.get("channels_last", False), compile=spec.get("compile", False),
         out_dir=str(Path(tempfile.gettempdir()) / "ddpm-benchmark-unused"))
@@ -467,7 +486,7 @@ def build_peer_training(spec, device):
 
 def worker_train(spec, device):
     batch_u8 = _random_batch(spec["batch"])
-    if spec["model"] == "ours":
+    if spec["model"] in OUR_MODELS:
         exp = build_our_experiment(spec, device)
         params = count_params(exp.diffusion.model)
         step = exp.train_step
@@ -712,8 +731,8 @@ def training_flops(model_name, peer_config, device, batch):
     x = torch.rand(batch, *IMAGE_SHAPE, device=device)
     t = torch.randint(0, timesteps, (batch,), device=device)
     noise = torch.randn_like(x)
-    if model_name == "ours":
-        diffusion = experiment.build_diffusion(experiment.Config()).to(device)
+    if model_name in OUR_MODELS:
+        diffusion = experiment.build_diffusion(our_config(model_name)).to(device)
 
         def loss():
             return diffusion(x, t=t, noise=noise)
@@ -854,12 +873,16 @@ def finish_machine_facts(meta, others, t_start, device):
 def match_models():
     """`models` of the JSON (every model's parameter count and config) and {peer: its matched config}
     for the peers that can be measured here (a skipped one is noted in `models`)."""
-    cfg = experiment.Config()
-    our_params = count_params(experiment.build_diffusion(cfg).model)
     fields = ("dim", "dim_mults", "resnet_blocks", "attn_dim_head", "timesteps")
-    models = dict(ours=dict(params=our_params, config={k: cfg.to_dict()[k] for k in fields}))
+    models = {}
+    for model in OUR_MODELS:
+        cfg = our_config(model)
+        models[model] = dict(params=count_params(experiment.build_diffusion(cfg).model),
+                             config={k: cfg.to_dict()[k] for k in fields})
+    our_params = models["ours"]["params"]
     _, skipped = available_peers()
-    print(f"\nparameters: ours {our_params:,}")
+    print(f"\nparameters: ours {our_params:,}; {OURS_AT_UNET_DEFAULTS} {models[OURS_AT_UNET_DEFAULTS]['params']:,} "
+          f"(DDPM.Unet's own depth and attention width: not matched, not judged)")
     peer_configs = {}
     for name, peer in PEERS.items():
         if name in skipped:
@@ -892,7 +915,7 @@ def measure_ceiling(device, precisions, quick, n=2048):
 
 def count_flops(peer_configs, device, batch):
     flops = {}
-    for name in ("ours", *peer_configs):
+    for name in (*OUR_MODELS, *peer_configs):
         fwd, bwd = training_flops(name, peer_configs.get(name), device, batch=min(batch, 8))
         flops[name] = dict(forward_per_image=fwd, backward_per_image=bwd, train_per_image=fwd + bwd)
     print("training FLOPs per image (fwd+bwd, matmul/conv/attention only): " + ", ".join(
@@ -905,9 +928,9 @@ def count_flops(peer_configs, device, batch):
 # ================================================================================================
 
 def training_variants(peers):
-    """What each training setting is compared as: (label, model, matched, optimizer, extras) for ours,
-    then for each peer as its documentation shows it and matched to our training loop."""
-    variants = [("ours", "ours", None, "AdamW fused", "clip+sched+EMA (train_step)")]
+    """What each training setting is compared as: (label, model, matched, optimizer, extras) for each
+    of OUR_MODELS, then for each peer as its documentation shows it and matched to our training loop."""
+    variants = [(model, model, None, "AdamW fused", "clip+sched+EMA (train_step)") for model in OUR_MODELS]
     for peer in peers:
         documented, matched = peer_labels([peer])
         variants += [(documented, peer, False, "AdamW default", "none"),

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import benchmark
+import DDPM
+import experiment
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +59,7 @@ def plan_of(*flags, peer_configs=PEER_CONFIGS):
     return {section: [spec for _, _, spec in items] for section, _, items in plan}
 
 
-MODEL_LABELS = ("ours", "diffusers", "diffusers-matched", "lucidrains", "lucidrains-matched")
+MODEL_LABELS = ("ours", "ours-unet-defaults", "diffusers", "diffusers-matched", "lucidrains", "lucidrains-matched")
 
 
 def test_plan_follows_the_flags():
@@ -65,32 +67,41 @@ def test_plan_follows_the_flags():
     assert list(full) == ["training", "paired_training", "sampling", "profile"]
     assert [(s["label"], s["precision"]) for s in full["training"]] == [
         (label, p) for p in ("float32", "bfloat16") for label in MODEL_LABELS]
-    assert [s.get("matched") for s in full["training"][:5]] == [None, False, True, False, True]
+    assert [s.get("matched") for s in full["training"][:6]] == [None, None, False, True, False, True]
     assert all(s["steps"] == 2 and s["warmup"] == 1 for s in full["training"])  # --quick
     assert [s["precision"] for s in full["paired_training"]] == ["float32", "bfloat16"]
     assert [s["model"] for s in full["sampling"]] == ["ours", "diffusers", "lucidrains"]
 
     assert list(plan_of("--no-paired", "--no-profile")) == ["training", "sampling"]
     layouts = [s["channels_last"] for s in plan_of("--channels-last")["training"]]
-    assert layouts.count(True) == layouts.count(False) == 10
+    assert layouts.count(True) == layouts.count(False) == 12
     compiled = [s for s in plan_of("--compile")["training"] if s.get("compile")]
     assert len(compiled) == 1 and compiled[0]["model"] == "ours" and compiled[0]["precision"] == "bfloat16"
+
+
+def test_ours_at_unet_defaults_is_the_network_unet_builds_with_only_dim_given():
+    cfg = benchmark.our_config(benchmark.OURS_AT_UNET_DEFAULTS)
+    ours = experiment.build_diffusion(cfg).model
+    plain = DDPM.Unet(dim=cfg.dim, channels=ours.channels)
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in plain.parameters()]
+    assert 2.5e6 < benchmark.count_params(plain) < 2.7e6  # the 2.6 M parameters issue 14 names
+    assert benchmark.our_config("ours") == experiment.Config()
 
 
 def test_plan_gives_every_peer_its_matched_config():
     full = plan_of()
     for s in full["training"] + full["sampling"]:
-        if s["model"] != "ours":
+        if s["model"] not in benchmark.OUR_MODELS:
             assert s["peer_config"] == PEER_CONFIGS[s["model"]], s
-    assert {s["model"] for s in full["training"]} == {"ours", "diffusers", "lucidrains"}
+    assert {s["model"] for s in full["training"]} == {*benchmark.OUR_MODELS, "diffusers", "lucidrains"}
     assert all(s["peer_configs"] == PEER_CONFIGS for s in full["paired_training"])
 
 
 def test_plan_leaves_out_a_skipped_peer():
     only_diffusers = {"diffusers": PEER_CONFIGS["diffusers"]}
     plan = plan_of(peer_configs=only_diffusers)
-    assert [s["label"] for s in plan["training"][:3]] == ["ours", "diffusers", "diffusers-matched"]
-    assert len(plan["training"]) == 6
+    assert [s["label"] for s in plan["training"][:4]] == ["ours", "ours-unet-defaults", "diffusers", "diffusers-matched"]
+    assert len(plan["training"]) == 8
     assert [s["model"] for s in plan["sampling"]] == ["ours", "diffusers"]
     assert all(s["peer_configs"] == only_diffusers for s in plan["paired_training"])
 
@@ -109,7 +120,7 @@ def test_the_peers():
     assert list(benchmark.PEERS) == ["diffusers", "lucidrains"]
     assert benchmark.PEERS["diffusers"].required and not benchmark.PEERS["lucidrains"].required
     assert benchmark.PEERS["lucidrains"].package == "denoising-diffusion-pytorch"
-    assert benchmark.peer_labels(["diffusers", "lucidrains"]) == list(MODEL_LABELS[1:])
+    assert benchmark.peer_labels(["diffusers", "lucidrains"]) == list(MODEL_LABELS[len(benchmark.OUR_MODELS):])
 
 
 def test_lucidrains_peer_matches_our_parameter_count():
@@ -331,16 +342,16 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     assert d["paired_training"] == {} and d["profile"] is None
     precisions = ["float32"]
     assert list(d["matmul_ceiling"]) == precisions
-    assert set(d["flops"]) == {"ours", *peers}
+    assert set(d["flops"]) == {*benchmark.OUR_MODELS, *peers}
     assert all(v["train_per_image"] > 0 for v in d["flops"].values())
-    assert list(d["models"]) == ["ours", "diffusers", "params_ours_over_diffusers"] + (
+    assert list(d["models"]) == [*benchmark.OUR_MODELS, "diffusers", "params_ours_over_diffusers"] + (
         ["lucidrains", "params_ours_over_lucidrains"] if "lucidrains" in peers else ["lucidrains"])
     for name in peers:
         assert 0.85 <= d["models"][f"params_ours_over_{name}"] <= 1.15
     if "lucidrains" not in peers:
         assert "skipped" in d["models"]["lucidrains"]
 
-    assert [r["model"] for r in d["training"]] == ["ours", *benchmark.peer_labels(peers)] * len(precisions)
+    assert [r["model"] for r in d["training"]] == [*benchmark.OUR_MODELS, *benchmark.peer_labels(peers)] * len(precisions)
     for r in d["training"]:
         assert TRAINING_ROW_KEYS <= set(r) <= TRAINING_ROW_KEYS | {"fraction_of_onednn_fp32_gemm"}
     assert set(d["sampling"]) == {"ours", *peers}

@@ -520,7 +520,7 @@ def worker_paired(spec, device):
     meaningful on a busy machine where separate runs are not comparable. No memory numbers here.
     """
     batch_u8 = _random_batch(spec["batch"])
-    steps = {"ours": build_our_experiment(spec, device).train_step}
+    steps = {"ours": build_our_experiment(dict(spec, model="ours"), device).train_step}
     for peer, peer_config in spec["peer_configs"].items():
         for label, matched in zip(peer_labels([peer]), (False, True)):
             steps[label] = build_peer_training(dict(spec, model=peer, peer_config=peer_config, matched=matched),

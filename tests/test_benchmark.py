@@ -88,6 +88,19 @@ def test_ours_at_unet_defaults_is_the_network_unet_builds_with_only_dim_given():
     assert benchmark.our_config("ours") == experiment.Config()
 
 
+@pytest.mark.slow
+def test_every_worker_kind_of_the_plan_runs_on_its_spec():
+    """Each worker, fed the spec the plan gives it (batch 2, one step, only our models: no peer
+    package needed), returns a result: a spec that lacks a key a worker reads fails here."""
+    plan = plan_of("--batch", "2", "--ddim-steps", "2", "--forward-reps", "1", peer_configs={})
+    device = torch.device("cpu")
+    for section, specs in plan.items():
+        for spec in specs[:2]:  # our two models, where a section measures both
+            short = {k: 1 for k in ("steps", "warmup", "reps") if k in spec}
+            result = benchmark.WORKERS[spec["kind"]](dict(spec, **short), device)
+            assert isinstance(result, dict) and "error" not in result, (section, spec)
+
+
 def test_plan_gives_every_peer_its_matched_config():
     full = plan_of()
     for s in full["training"] + full["sampling"]:

@@ -418,10 +418,10 @@ def _random_batch(batch):
     return torch.randint(0, 256, (batch, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
 
 
-def build_our_experiment(spec, device):
-    """experiment.Experiment at spec["model"]'s config (see OUR_MODELS), built exactly as `experiment.py
-    train` builds it."""
-    cfg = our_config(spec["model"]).replace(
+def build_our_experiment(model, spec, device):
+    """experiment.Experiment at `model`'s config (one of OUR_MODELS) with spec's batch, precision and
+    layout, built exactly as `experiment.py train` builds it."""
+    cfg = our_config(model).replace(
         device=device.type, batch_size=spec["batch"], precision=spec["precision"],
         channels_last=spec.get("channels_last", False), compile=spec.get("compile", False),
         out_dir=str(Path(tempfile.gettempdir()) / "ddpm-benchmark-unused"))
@@ -487,7 +487,7 @@ def build_peer_training(spec, device):
 def worker_train(spec, device):
     batch_u8 = _random_batch(spec["batch"])
     if spec["model"] in OUR_MODELS:
-        exp = build_our_experiment(spec, device)
+        exp = build_our_experiment(spec["model"], spec, device)
         params = count_params(exp.diffusion.model)
         step = exp.train_step
     else:
@@ -520,7 +520,7 @@ def worker_paired(spec, device):
     meaningful on a busy machine where separate runs are not comparable. No memory numbers here.
     """
     batch_u8 = _random_batch(spec["batch"])
-    steps = {"ours": build_our_experiment(dict(spec, model="ours"), device).train_step}
+    steps = {"ours": build_our_experiment("ours", spec, device).train_step}
     for peer, peer_config in spec["peer_configs"].items():
         for label, matched in zip(peer_labels([peer]), (False, True)):
             steps[label] = build_peer_training(dict(spec, model=peer, peer_config=peer_config, matched=matched),
@@ -592,7 +592,7 @@ def worker_sample(spec, device):
 def worker_profile(spec, device):
     """torch.profiler over a few of our training steps: the ops with the most self CPU time."""
     from torch.profiler import ProfilerActivity, profile
-    exp = build_our_experiment(spec, device)
+    exp = build_our_experiment(spec["model"], spec, device)
     batch_u8 = _random_batch(spec["batch"])
     for _ in range(spec["warmup"]):
         exp.train_step(batch_u8)

@@ -1215,8 +1215,13 @@ LEVERS = {
 }
 # the levers that won, together: Config's defaults since the study (and so the main job's)
 COMBINED = dict(batch_size=32, lr=2e-3, min_snr_gamma=5.0)
-# At the main job's budget class conditioning bought more quality than any other lever (README, "The
-# main job"), so the main job trains a class-conditional model and samples it with this guidance scale.
+# The main job, `python experiment.py` (see main_job_config): Config's defaults trained for a fixed time
+# on any machine (its steps follow from the measured speed), in its own folder (not train's default
+# one: a run there would resume the other model). At its budget class conditioning bought more quality
+# than any other lever (README, "The main job"), so it trains a class-conditional model and samples it
+# with this guidance scale.
+MAIN_JOB_MINUTES = 15.0
+MAIN_JOB_DIR = "runs/main_job"
 MAIN_JOB_GUIDANCE = 1.5
 # What the study measures on top of COMBINED: COMBINED itself, and COMBINED made class-conditional
 # as the main job is (sampled with its guidance scale).
@@ -1631,10 +1636,6 @@ def _add_sampler_flags(p):
     p.add_argument("--label", help="conditional runs: the class to draw, a number or a name such as Sneaker "
                                    "(default: every class, one row each)")
     p.add_argument("--guidance", type=float, help="conditional runs: the guidance scale w (default: the config's)")
-
-
-MAIN_JOB_MINUTES = 15.0  # the main job trains for this long on any machine; its steps follow from the speed
-MAIN_JOB_DIR = "runs/main_job"  # not train's default folder: a run there would resume the other model
 
 
 def train_base_config():

@@ -248,9 +248,11 @@ class Unet(nn.Module):
     the network can tell the classes apart at once (from zero they would all get nearly the same
     updates and separate slowly).
 
-    Level i works at resolution image_size / 2**i with dim * dim_mults[i] channels. Each level
-    of the down path has `resnet_blocks` ResNet blocks and a linear attention; the bottleneck
-    has full multi-head attention between two ResNet blocks; the up path mirrors the down path
+    The blocks of level i work at resolution image_size / 2**i with init_dim channels at level 0
+    and dim * dim_mults[i-1] after it; each level ends by raising them to dim * dim_mults[i] (a
+    downsample, or a convolution at the last level). Each level of the down path has
+    `resnet_blocks` ResNet blocks and a linear attention; the bottleneck has full multi-head
+    attention between two ResNet blocks; the up path mirrors the down path
     and concatenates the skip connections saved on the way down.
     """
 
@@ -474,7 +476,7 @@ class GaussianDiffusion(nn.Module):
     SAMPLER_ARGUMENTS = {"ddpm": ("variance", "noise_scale"), "ddim": ("eta", "spacing"),
                          "dpm++2m": ("spacing",), "dpm++2m-sde": ("spacing",)}
     # uniform in t for every sampler: it beat log-SNR spacing at 10 and 20 evaluations for all four
-    # in the comparison of section 8 (run once on a GPU; see the README)
+    # in the comparison of section 9 (measured on two CPU cores; see the README)
     DEFAULT_SPACINGS = {"ddim": "uniform", "dpm++2m": "uniform", "dpm++2m-sde": "uniform"}
 
     def __init__(

@@ -1238,7 +1238,8 @@ def lever_study(root, minutes, levers=LEVERS, seeds=(0,), repeat=None, step_time
     """An ExperimentManager over `levers` ({name: config changes}) applied to LEVER_STUDY_BASE, each
     trained for as many steps as `minutes` of its own step time allow; every seed after the first
     adds runs named <name>_seed<s>, and `repeat` ({name: seeds}) adds such runs for chosen levers only
-    (the winner's second seed, say). `fixed` sets fields for all runs (a smaller evaluation, say).
+    (the winner's second seed, say). `fixed` sets fields for all runs, over the pinned base's too (a
+    smaller U-Net and evaluation for a quick run, say).
 
     The step times ({name: seconds}) are measured once for all levers, interleaved
     (`measure_step_times`), and kept in <root>/step_times.json, so the study resumes with the same
@@ -1248,7 +1249,7 @@ def lever_study(root, minutes, levers=LEVERS, seeds=(0,), repeat=None, step_time
     unknown = sorted(set(repeat or {}) - set(levers))
     if unknown:
         raise ConfigError(f"repeat={unknown} is not allowed: it names levers of the study, {sorted(levers)}")
-    base = Config(**LEVER_STUDY_BASE, sample_every=0, gif=False, log_every=10, **fixed)
+    base = Config(**{**LEVER_STUDY_BASE, "sample_every": 0, "gif": False, "log_every": 10, **fixed})
     variants = {name: base.replace(**changes) for name, changes in levers.items()}
     if step_times is None:
         step_times = kept_step_times(variants, Path(root) / "step_times.json")

@@ -335,6 +335,17 @@ def test_lever_study_repeats_chosen_levers_under_more_seeds_only(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_lever_study_fixed_fields_override_the_pinned_base_for_every_run(tmp_path):
+    """A quick version of the study (the notebook's ci budget) shrinks fields that the pinned base
+    sets, such as the U-Net's width; a lever that sets the same field still wins for its own run."""
+    equal_speed = dict.fromkeys(experiment.LEVERS, 0.5)
+    manager = experiment.lever_study(tmp_path, minutes=5.0, step_times=equal_speed, dim=8, eval_samples=32)
+    assert experiment.LEVER_STUDY_BASE["dim"] != 8
+    for name, cfg in manager.configs.items():
+        assert cfg.eval_samples == 32, name
+        assert cfg.dim == experiment.LEVERS[name].get("dim", 8), name
+
+
 def test_loss_curves_plot_against_training_time_in_minutes(tmp_path, monkeypatch):
     rows = [dict(step=s, loss=1 / s, train_time_s=30 * s) for s in range(1, 11)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

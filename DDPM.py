@@ -248,12 +248,10 @@ class Unet(nn.Module):
     the network can tell the classes apart at once (from zero they would all get nearly the same
     updates and separate slowly).
 
-    The blocks of level i work at resolution image_size / 2**i with init_dim channels at level 0
-    and dim * dim_mults[i-1] after it; each level ends by raising them to dim * dim_mults[i] (a
-    downsample, or a convolution at the last level). Each level of the down path has
-    `resnet_blocks` ResNet blocks and a linear attention; the bottleneck has full multi-head
-    attention between two ResNet blocks; the up path mirrors the down path
-    and concatenates the skip connections saved on the way down.
+    The blocks of level i work at resolution image_size / 2**i with init_dim (level 0) or
+    dim * dim_mults[i-1] channels, which the level's last layer raises to dim * dim_mults[i]. A down
+    level has `resnet_blocks` ResNet blocks and a linear attention; the bottleneck has full attention
+    between two ResNet blocks; the up path mirrors the down path and concatenates its skip connections.
     """
 
     def __init__(

@@ -1418,17 +1418,45 @@ def write_table(rows, stem):
     data.atomic_write_text(f"{stem}.md", "\n".join(lines) + "\n")
 
 
-def side_by_side(images, path):
-    """Sample grids ({label: png}) in one row of titled panels."""
+def read_table(path):
+    """The rows (list of dicts) of a table written by `write_table`, from its .md or .csv file: numbers
+    as int or float, True/False as bool, empty cells as None (the .md holds 4 significant digits)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".md":
+        lines = [line.strip().strip("|").split("|") for line in text.splitlines() if line.strip()]
+        lines = [[cell.strip() for cell in line] for line in lines[:1] + lines[2:]]  # skip the |---| rule
+    else:
+        lines = list(csv.reader(io.StringIO(text)))
+    def parse(cell):
+        if cell in ("", "None"):
+            return None
+        if cell in ("True", "False"):
+            return cell == "True"
+        for kind in (int, float):
+            try:
+                return kind(cell)
+            except ValueError:
+                pass
+        return cell
+    return [dict(zip(lines[0], map(parse, line))) for line in lines[1:]]
+
+
+def side_by_side(images, path, per_row=5):
+    """Sample grids ({label: png}) as titled panels, at most `per_row` to a row (more would shrink
+    each grid below a readable size)."""
     import matplotlib.pyplot as plt
     images = {k: v for k, v in images.items() if Path(v).exists()}
     if not images:
         return
-    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3), squeeze=False)
-    for ax, (label, png) in zip(axes[0], images.items()):
-        ax.imshow(plt.imread(png), cmap="gray")
-        ax.set_title(label, fontsize=9)
+    cols = min(per_row, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.3 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, (label, png) in zip(axes.flat, images.items()):
+        ax.imshow(plt.imread(png), cmap="gray")
+        ax.set_title(label, fontsize=12)
     fig.tight_layout()
     with data.writing(path):
         fig.savefig(path, dpi=110)

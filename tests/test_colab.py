@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# The notebooks that open with the badge and the set-up cell; the others get them when they are
-# next executed (a stored notebook is one clean run).
-COLAB_NOTEBOOKS = ["DDPM.ipynb", "toy_diffusion.ipynb", "conditional_diffusion.ipynb"]
+# The notebooks that open with the badge and the set-up cell: all of them.
+COLAB_NOTEBOOKS = ["DDPM.ipynb", "toy_diffusion.ipynb", "conditional_diffusion.ipynb", "fmnist_experiments.ipynb"]
 BADGE = re.compile(r"\(https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/([^)]+)\)")
 
 

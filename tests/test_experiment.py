@@ -456,6 +456,23 @@ def test_the_studys_conditional_lever_is_the_main_job_on_the_study_base(tmp_path
     assert unconditional["conditional"] is experiment.train_base_config().conditional is False
 
 
+@pytest.mark.parametrize("suffix", [".md", ".csv"])
+def test_read_table_gives_back_the_rows_write_table_wrote(tmp_path, suffix):
+    rows = [dict(run="baseline", steps=285, fid=404.4, seed=0, conditional=False, min_snr_gamma=None),
+            dict(run="combined", steps=900, fid=101.5, seed=1, conditional=True, min_snr_gamma=5.0)]
+    experiment.write_table(rows, tmp_path / "results")
+    back = experiment.read_table((tmp_path / "results").with_suffix(suffix))
+    assert back == rows
+    assert [type(r["steps"]) for r in back] == [int, int] and back[1]["conditional"] is True
+
+
+def test_the_kept_lever_study_table_reads_as_numbers():
+    """The notebook's section 12 computes its comparisons from data/fmnist_levers.md."""
+    rows = {r["run"]: r for r in experiment.read_table(REPO / "data" / "fmnist_levers.md")}
+    assert {"baseline", "combined", "combined_seed1", "combined_conditional"} <= set(rows)
+    assert all(isinstance(r["fid"], float) and isinstance(r["steps"], int) for r in rows.values())
+
+
 @pytest.mark.parametrize("parallel", [0, -1, 1.5])
 def test_experiment_manager_rejects_invalid_parallel(tmp_path, parallel):
     manager = ExperimentManager([tiny_config("x")], tmp_path / "study")

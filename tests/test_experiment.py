@@ -868,7 +868,7 @@ def test_bad_time_budget_exits_2_in_one_line_and_writes_nothing(tmp_path, minute
 @pytest.mark.needs_data
 def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monkeypatch):
     """With a clock on which every training step takes 0.5 s, a 0.4-minute (24 s) budget leaves
-    24 - 30 * 0.5 = 9 s after the 5 + 25 measured steps: 18 steps."""
+    24 - 40 * 0.5 = 4 s after the 20 + 20 measured steps: 8 steps."""
     clock = [0.0]
     original = experiment.Experiment.train_step
 
@@ -881,7 +881,8 @@ def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monke
     exp = Experiment(tiny_config(tmp_path / "run", steps=0, minutes=0.4))
     exp.run(progress=False)
     recorded = json.loads((tmp_path / "run" / "budget.json").read_text())
-    assert recorded["steps"] == exp.total_steps == exp.step == 18
+    measured = experiment.BUDGET_WARMUP_STEPS + experiment.BUDGET_TIMED_STEPS
+    assert recorded["steps"] == exp.total_steps == exp.step == int((24 - measured * 0.5) / 0.5) == 8
     assert recorded["seconds_per_step"] == 0.5 and recorded["minutes"] == 0.4
 
 

@@ -445,14 +445,17 @@ def test_the_defaults_are_the_lever_study_base_with_its_winning_levers():
 
 def test_the_studys_conditional_lever_is_the_main_job_on_the_study_base(tmp_path):
     """`combined_conditional` differs from `combined` only as the main job differs from `train`'s
-    unconditional base: class conditioning, sampled with the main job's guidance scale."""
+    unconditional base: class conditioning, sampled with the guidance scale the main job had when the
+    study ran (its kept results are at that scale; the main job has since moved to a lower one)."""
     manager = experiment.lever_study(tmp_path, minutes=5.0, levers=experiment.ON_COMBINED,
                                      step_times=dict.fromkeys(experiment.ON_COMBINED, 0.3))
     unconditional, conditional = (manager.configs[n].to_dict() for n in ("combined", "combined_conditional"))
     changed = {k for k in unconditional if unconditional[k] != conditional[k]} - {"out_dir"}
     assert changed == {"conditional", "guidance"}
     main = experiment.main_job_config()
-    assert (conditional["conditional"], conditional["guidance"]) == (main.conditional, main.guidance) == (True, 1.5)
+    assert conditional["conditional"] is main.conditional is True
+    assert conditional["guidance"] == experiment.LEVER_STUDY_GUIDANCE == 1.5
+    assert main.guidance == experiment.MAIN_JOB_GUIDANCE == 1.25
     assert unconditional["conditional"] is experiment.train_base_config().conditional is False
 
 

@@ -543,7 +543,8 @@ def worker_paired(spec, device):
 
 
 def worker_sample(spec, device):
-    """Per precision: one denoising forward pass on a batch, and a full DDIM run."""
+    """Per precision: one denoising forward pass on a batch, and a full DDIM run; with
+    spec["channels_last"], all of it again with the network in channels_last."""
     B, reps, ddim_steps = spec["batch"], spec["reps"], spec["ddim_steps"]
     cfg = experiment.Config()
     if spec["model"] == "ours":
@@ -555,6 +556,9 @@ def worker_sample(spec, device):
 
         def ddim(steps):
             return diffusion.sample(B, sampling_steps=steps, progress=False)
+
+        def to_channels_last():
+            experiment.use_channels_last(net)
     else:
         _, _, DDIMScheduler = import_diffusers()
         net, peer = build_peer(spec, device)
@@ -573,20 +577,37 @@ def worker_sample(spec, device):
                 x = scheduler.step(eps, t, x).prev_sample
             return (x + 1) / 2
 
-    results = {}
-    for precision in spec["precisions"]:
-        torch.manual_seed(0)
-        x = torch.randn(B, *IMAGE_SHAPE, device=device)
-        t = torch.randint(0, cfg.timesteps, (B,), device=device)
-        with torch.inference_mode(), experiment.autocast(device, precision):
-            _, fwd, fwd_cpu = repeat_timed(lambda: forward(x, t), device, 2, reps)
-            ddim(2)  # warm-up: oneDNN / cuDNN kernel selection
-            ddim_s, ddim_cpu_s = timed(lambda: ddim(ddim_steps), device)
-        med = statistics.median(fwd)
-        results[precision] = dict(forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
-                                  forward_median_cpu_s=statistics.median(fwd_cpu),
-                                  ddim_steps=ddim_steps, ddim_s=ddim_s, ddim_cpu_s=ddim_cpu_s)
-    return dict(params=count_params(net), precisions=results)
+        def to_channels_last():
+            net.to(memory_format=torch.channels_last)  # as its training rows do; the input has 1 channel
+
+    results = dict(params=count_params(net))
+    for channels_last in ([False, True] if spec.get("channels_last") else [False]):
+        if channels_last:
+            to_channels_last()
+        per_precision = results[SAMPLING_LAYOUT_KEYS[channels_last]] = {}
+        for precision in spec["precisions"]:
+            torch.manual_seed(0)
+            x = torch.randn(B, *IMAGE_SHAPE, device=device)
+            t = torch.randint(0, cfg.timesteps, (B,), device=device)
+            with torch.inference_mode(), experiment.autocast(device, precision):
+                _, fwd, fwd_cpu = repeat_timed(lambda: forward(x, t), device, 2, reps)
+                ddim(2)  # warm-up: oneDNN / cuDNN kernel selection
+                ddim_s, ddim_cpu_s = timed(lambda: ddim(ddim_steps), device)
+            med = statistics.median(fwd)
+            per_precision[precision] = dict(forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
+                                            forward_median_cpu_s=statistics.median(fwd_cpu),
+                                            ddim_steps=ddim_steps, ddim_s=ddim_s, ddim_cpu_s=ddim_cpu_s)
+    return results
+
+
+# where a sampling result keeps its measurements in each layout: {precision: measurements}
+SAMPLING_LAYOUT_KEYS = {False: "precisions", True: "channels_last"}
+
+
+def sampling_settings(result):
+    """{setting name: measurements} of one model's sampling result, over both layouts."""
+    return {setting_name(precision, channels_last): v for channels_last, key in SAMPLING_LAYOUT_KEYS.items()
+            for precision, v in result.get(key, {}).items()}
 
 
 def worker_profile(spec, device):
@@ -968,7 +989,8 @@ def plan_measurements(args, device, precisions, peer_configs):
               for p in precisions]
     sampling = [(name, f"{name:<18}",
                  dict(common, kind="sample", model=name, batch=args.batch, reps=args.forward_reps,
-                      ddim_steps=args.ddim_steps, precisions=precisions, peer_config=peer_configs.get(name)))
+                      ddim_steps=args.ddim_steps, precisions=precisions, channels_last=args.channels_last,
+                      peer_config=peer_configs.get(name)))
                 for name in ("ours", *peer_configs)]
     profile = [(None, "profiling our training step",
                 dict(common, kind="profile", model="ours", precision=precisions[-1], batch=args.batch,
@@ -1125,12 +1147,12 @@ def ceiling_target(summary):
 
 
 def ddim_target(ddim_s, batch, ddim_steps):
-    """`ddim_s`: our DDIM run's seconds per precision; judged only at the target's own setting."""
-    precision, v = min(ddim_s.items(), key=lambda kv: kv[1])
+    """`ddim_s`: our DDIM run's seconds per setting; judged only at the target's own setting."""
+    setting, v = min(ddim_s.items(), key=lambda kv: kv[1])
     at_target_setting = ddim_steps == DDIM_TARGET_STEPS and batch == DDIM_TARGET_BATCH
     return dict(target=f"< {TARGETS['ddim_64x50_seconds']}", measured=v,
                 met=(v < TARGETS["ddim_64x50_seconds"]) if at_target_setting else None,
-                detail=f"ours {precision}, {batch} images x {ddim_steps} steps")
+                detail=f"ours {setting}, {batch} images x {ddim_steps} steps")
 
 
 def judge_targets(summary, paired, sampling, batch, ddim_steps):
@@ -1142,8 +1164,8 @@ def judge_targets(summary, paired, sampling, batch, ddim_steps):
     if summary["best_ours"]:
         targets["train_fraction_of_matmul_ceiling"] = ceiling_target(summary)
     ours = sampling.get("ours", {"error": "not measured"})
-    if "error" not in ours and ours["precisions"]:
-        targets["ddim_64x50_seconds"] = ddim_target({k: v["ddim_s"] for k, v in ours["precisions"].items()},
+    if "error" not in ours and sampling_settings(ours):
+        targets["ddim_64x50_seconds"] = ddim_target({k: v["ddim_s"] for k, v in sampling_settings(ours).items()},
                                                     batch, ddim_steps)
     return targets
 
@@ -1242,8 +1264,8 @@ def print_sampling(sampling, batch, ddim_steps):
         if "error" in res:
             rows.append([name, "", "FAILED", "", "", "", ""])
             continue
-        for prec, v in res["precisions"].items():
-            rows.append([name, setting_name(prec), fmt(v["forward_img_per_s"]), fmt(v["forward_median_s"] * 1e3),
+        for setting, v in sampling_settings(res).items():
+            rows.append([name, setting, fmt(v["forward_img_per_s"]), fmt(v["forward_median_s"] * 1e3),
                          fmt(v["forward_median_cpu_s"] * 1e3), fmt(v["ddim_s"], ".2f"), fmt(v["ddim_cpu_s"], ".2f")])
     print_table(["model", "setting", "fwd img/s", "fwd ms", "fwd CPU ms", f"DDIM {ddim_steps} steps s",
                  "DDIM CPU s"], rows)
@@ -1315,11 +1337,11 @@ def speed_table(results):
                         {m: img_per_s(m, precision) for m in models}))
     out.append(line("training img/s, best setting of each",
                     {m: max(filter(None, (img_per_s(m, p) for p in precisions)), default=None) for m in models}))
-    ddim = {m: min((v["ddim_s"] for v in results["sampling"].get(m, {}).get("precisions", {}).values()), default=None)
+    ddim = {m: min((v["ddim_s"] for v in sampling_settings(results["sampling"].get(m, {})).values()), default=None)
             for m in models}
     settings = results.get("meta", {}).get("settings", {})
     batch, steps = settings.get("batch", DDIM_TARGET_BATCH), settings.get("ddim_steps", DDIM_TARGET_STEPS)
-    out.append(f"| {batch} images x {steps} DDIM steps, best precision, s | " + " | ".join(
+    out.append(f"| {batch} images x {steps} DDIM steps, best setting, s | " + " | ".join(
         [fmt(ddim["ours"], ".2f")] + [c for p in peers for c in (fmt(ddim[p], ".2f"), "")]) + " |")
     ceiling = "bfloat16" if "bfloat16" in precisions else "float32"
     share = {m: best(m, ceiling, "fraction_of_matmul_ceiling") for m in models}

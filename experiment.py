@@ -92,7 +92,7 @@ class Config:
     # hardware
     device: str = "auto"                 # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "mps"
     precision: str = "bfloat16"          # "bfloat16" (autocast) or "float32"
-    channels_last: bool = False
+    channels_last: bool = False          # the U-Net's activations in channels_last (use_channels_last)
     compile: bool = False                # torch.compile the U-Net
     # outputs
     out_dir: str = "runs/fashion_mnist_ddpm"
@@ -339,6 +339,129 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
+# ---- channels_last: the U-Net's activations stored pixel by pixel (N, H, W, C) ----
+# oneDNN's convolutions read and write that layout directly; in PyTorch's default (N, C, H, W) they
+# reorder every input and output (about a third of the convolutions' time in torch.profiler runs on
+# two EPYC cores, bfloat16). Two other parts of the U-Net get slower in that layout and are done
+# differently there: PyTorch's CPU GroupNorm becomes an order of magnitude slower with 4 or 8
+# channels per group (our blocks' 32 and 64 channels in 8 groups), so `group_norm_scale_shift`
+# replaces it; and
+# the attentions reshape their (heads x dims) channels against the pixels, which costs a transposing
+# copy per reshape in channels_last, so they run in (N, C, H, W) between two conversions.
+
+def is_channels_last(x):
+    """True for a 4-d tensor stored channels_last (not one that is both, such as a 1-channel image)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _group_total(per_channel, groups):
+    """(B, C) per-channel sums -> (B, C): each channel gets the total of its group."""
+    B, C = per_channel.shape
+    per_group = per_channel.view(B, groups, C // groups).sum(-1, keepdim=True)
+    return per_group.expand(B, groups, C // groups).reshape(B, C)
+
+
+class GroupNormScaleShift(torch.autograd.Function):
+    """y = GroupNorm(x) (1 + scale) + shift, the normalisation of DDPM.Block followed by its time
+    scale and shift, as one per-channel affine map y = a x + d (a, d per image and channel).
+
+    Every pass over x is a sum over the pixels per channel or that affine map: both stream through
+    channels_last memory at full speed. Statistics and coefficients are computed in float32 (float64
+    for float64 input), the output in x's dtype. The backward is GroupNorm's, in closed form: with
+    xhat = (x - mu) r, gain g = w (1 + scale) and means over a group's n elements,
+        dx = r g dy - r mean(g dy) - r xhat mean(g dy xhat),
+    again one affine map of dy and x per channel, from the per-channel sums of dy and dy x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps):
+        B, C = x.shape[:2]
+        n = x[0, 0].numel() * (C // groups)  # elements per group
+        acc = torch.promote_types(x.dtype, torch.float32)
+        mean = _group_total(x.sum((2, 3), dtype=acc), groups) / n
+        mean_sq = _group_total((x * x).sum((2, 3), dtype=acc), groups) / n
+        rstd = (mean_sq - mean * mean).clamp_min(0).add(eps).rsqrt()
+        one_plus_scale = 1 + scale.to(acc)
+        a = weight.to(acc) * one_plus_scale * rstd
+        d = bias.to(acc) * one_plus_scale + shift.to(acc) - mean * a
+        ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
+        ctx.groups, ctx.n = groups, n
+        return torch.addcmul(d.to(x.dtype)[:, :, None, None], x, a.to(x.dtype)[:, :, None, None])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        acc = mean.dtype
+        sum_dy = dy.sum((2, 3), dtype=acc)
+        sum_dy_xhat = rstd * ((dy * x).sum((2, 3), dtype=acc) - mean * sum_dy)
+        one_plus_scale = 1 + scale.to(acc)
+        gain = weight.to(acc) * one_plus_scale
+        mean_g_dy = _group_total(gain * sum_dy, ctx.groups) / ctx.n
+        mean_g_dy_xhat = _group_total(gain * sum_dy_xhat, ctx.groups) / ctx.n
+        coef_dy = gain * rstd
+        coef_x = -rstd * rstd * mean_g_dy_xhat
+        const = -rstd * mean_g_dy - mean * coef_x
+        as_x = lambda c: c.to(x.dtype)[:, :, None, None]
+        dx = torch.addcmul(torch.addcmul(as_x(const), x, as_x(coef_x)), dy, as_x(coef_dy))
+        return (dx, (one_plus_scale * sum_dy_xhat).sum(0).to(weight.dtype), (one_plus_scale * sum_dy).sum(0).to(bias.dtype),
+                (weight.to(acc) * sum_dy_xhat + bias.to(acc) * sum_dy).to(scale.dtype), sum_dy.to(scale.dtype), None, None)
+
+
+def group_norm_scale_shift(x, norm, scale_shift=None):
+    """`norm` (an nn.GroupNorm) of x, then x (1 + scale) + shift where scale_shift = (scale, shift) of
+    shape (B, C, 1, 1) is given: what DDPM.Block computes, fast in channels_last."""
+    B, C = x.shape[:2]
+    scale, shift = scale_shift if scale_shift is not None else (x.new_zeros(B, C), x.new_zeros(B, C))
+    return GroupNormScaleShift.apply(x, norm.weight, norm.bias, scale.reshape(B, C), shift.reshape(B, C),
+                                     norm.num_groups, norm.eps)
+
+
+class ChannelsLastBlock(DDPM.Block):
+    """DDPM.Block, with its GroupNorm and time scale-shift done by `group_norm_scale_shift` where
+    the activations are channels_last (as DDPM.Block elsewhere)."""
+
+    def forward(self, x, scale_shift=None):
+        if not is_channels_last(x):
+            return super().forward(x, scale_shift)
+        return self.act(group_norm_scale_shift(self.proj(x), self.norm, scale_shift))
+
+
+class _AttentionInNCHW:
+    """An attention that receives channels_last activations computes in (N, C, H, W) and hands its
+    result back in channels_last: two conversions instead of a transposing copy per reshape."""
+
+    def forward(self, x):
+        if not is_channels_last(x):
+            return super().forward(x)
+        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+
+
+class ChannelsLastLinearAttention(_AttentionInNCHW, DDPM.LinearAttention):
+    pass
+
+
+class ChannelsLastAttention(_AttentionInNCHW, DDPM.Attention):
+    pass
+
+
+CHANNELS_LAST_MODULES = {DDPM.Block: ChannelsLastBlock, DDPM.LinearAttention: ChannelsLastLinearAttention,
+                         DDPM.Attention: ChannelsLastAttention}
+
+
+def _output_channels_last(module, inputs, output):
+    return output.contiguous(memory_format=torch.channels_last)
+
+
+def use_channels_last(unet):
+    """Run a DDPM.Unet's activations in channels_last, in place: the blocks and attentions become
+    their channels_last versions above (same parameters, same state_dict) and the first convolution's
+    output is converted (the 1-channel input image cannot carry the layout). Weights keep their layout."""
+    for module in unet.modules():
+        if type(module) in CHANNELS_LAST_MODULES:
+            module.__class__ = CHANNELS_LAST_MODULES[type(module)]
+    unet.init_conv.register_forward_hook(_output_channels_last)
+    return unet
+
+
 def count_training_flops(loss_fn, n_images):
     """(forward, backward) FLOPs per image of one training step, counted by FlopCounterMode.
 
@@ -552,7 +675,7 @@ class Experiment:
         if cfg.init_weights and from_init_weights:
             self._load_initial_weights(cfg.init_weights)
         if cfg.channels_last:
-            self.diffusion = self.diffusion.to(memory_format=torch.channels_last)
+            use_channels_last(self.diffusion.model)
         self.ema = torch.optim.swa_utils.AveragedModel(self.diffusion, avg_fn=ema_avg_fn(cfg.ema_decay, cfg.ema_power),
                                                        use_buffers=False)
         self.total_steps = total_steps
@@ -706,8 +829,6 @@ class Experiment:
         if cfg.conditional:
             drop_all = torch.rand(B, device=self.device) < cfg.cond_drop_prob
             condition = dict(labels=labels.to(self.device, non_blocking=True), drop=drop_all[share])
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         if cfg.compile and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         with autocast(self.device, self.precision):
@@ -1454,24 +1575,29 @@ def read_table(path):
     return [dict(zip(lines[0], map(parse, line))) for line in lines[1:]]
 
 
-def side_by_side(images, path, per_row=5):
-    """Sample grids ({label: png}) as titled panels, at most `per_row` to a row (more would shrink
-    each grid below a readable size)."""
+def side_by_side(images, path, per_row=5, zoom=3, dpi=110):
+    """Sample grids ({label: png}) as titled panels, at most `per_row` to a row, each grid drawn at
+    `zoom` screen pixels per image pixel (nearest neighbour), so that 28-pixel samples stay readable
+    however many panels there are."""
     import matplotlib.pyplot as plt
     images = {k: v for k, v in images.items() if Path(v).exists()}
     if not images:
         return
     cols = min(per_row, len(images))
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.3 * rows), squeeze=False)
+    grids = {label: plt.imread(png) for label, png in images.items()}
+    height = max(g.shape[0] for g in grids.values()) * zoom / dpi  # inches per panel
+    width = max(g.shape[1] for g in grids.values()) * zoom / dpi
+    title = 0.5  # inches above each panel for its label
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * width * 1.05, rows * (height + title)), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (label, png) in zip(axes.flat, images.items()):
-        ax.imshow(plt.imread(png), cmap="gray")
-        ax.set_title(label, fontsize=12)
-    fig.tight_layout()
+    for ax, (label, grid) in zip(axes.flat, grids.items()):
+        ax.imshow(grid, cmap="gray", interpolation="nearest")
+        ax.set_title(label, fontsize=20)
     with data.writing(path):
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

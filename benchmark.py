@@ -28,7 +28,7 @@ the peers differ only in the network.
     python benchmark.py --channels-last  # also the channels_last variants
     python benchmark.py --threads 1      # steadier numbers when other processes share the CPUs
     python benchmark.py --precision float32  # one precision only (default: bfloat16 too, where native)
-    python benchmark.py --loss-curves 400  # does the fast setting train the same? (float32 vs bfloat16)
+    python benchmark.py --loss-curves 400  # do the fast settings train the same? (float32, bfloat16, +channels_last)
     python benchmark.py --image-shapes     # our step at 1x28x28 against 3x32x32 (your own colour images)
 
 On a CPU, every worker also records the CPU seconds it consumed, so that a run on a busy machine
@@ -799,8 +799,9 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="smoke test: very few steps everywhere")
     p.add_argument("--out", default="benchmark_results.json", help="JSON output (default benchmark_results.json)")
     p.add_argument("--loss-curves", type=int, metavar="STEPS",
-                   help="instead of timing: train the default Fashion-MNIST run for STEPS steps in float32 and "
-                        "in bfloat16 from the same seed and overlay their loss curves (data/precision_loss_curves.png)")
+                   help="instead of timing: train the default Fashion-MNIST run for STEPS steps in float32, "
+                        "in bfloat16 and in bfloat16 with channels_last from the same seed and overlay their loss "
+                        "curves (data/precision_loss_curves.png)")
     p.add_argument("--image-shapes", action="store_true",
                    help="instead of the full run: our training step at the default 1x28x28 and at 3x32x32 RGB, "
                         "steps interleaved, with the throughput ratio (benchmark_image_shapes.json)")
@@ -1395,22 +1396,24 @@ def run_benchmark(args):
 
 
 def loss_curves(steps, device):
-    """The fast setting must not change what is learned: same run, same seed, float32 vs bfloat16."""
+    """The fast settings must not change what is learned: the same run from the same seed in float32,
+    in bfloat16 and in bfloat16 with channels_last (`use_channels_last`)."""
     base = experiment.Config(steps=steps, device=device, log_every=10, checkpoint_every=steps,
                              sample_every=0, gif=False, eval_samples=0)
     if not experiment.bf16_supported(experiment.pick_device(device)):
         print("bfloat16 is not supported natively here: nothing to compare")
         return 1
-    names = ["float32", "bfloat16"]
-    manager = experiment.ExperimentManager([base.replace(precision=n) for n in names],
-                                           "runs/precision_check", names=names)
+    settings = {"float32": dict(precision="float32"), "bfloat16": dict(precision="bfloat16"),
+                "bfloat16+channels_last": dict(precision="bfloat16", channels_last=True)}
+    manager = experiment.ExperimentManager([base.replace(**change) for change in settings.values()],
+                                           "runs/precision_check", names=list(settings))
     rows = {r["run"]: r for r in manager.run(progress=True)}
     experiment.plot_loss_curves({n: c.out_dir for n, c in manager.configs.items()}, "data/precision_loss_curves.png")
-    for n in names:
-        print(f"{n:9s} final loss (mean of last 5 logs) {rows[n]['final_loss']:.4f}, "
+    for n in settings:
+        print(f"{n:22s} final loss (mean of last 5 logs) {rows[n]['final_loss']:.4f} "
+              f"({rows[n]['final_loss'] / rows['float32']['final_loss'] - 1:+.1%} against float32), "
               f"{steps * base.batch_size / rows[n]['train_time_s']:.0f} images/s")
-    diff = rows["bfloat16"]["final_loss"] / rows["float32"]["final_loss"] - 1
-    print(f"bfloat16 / float32 final loss - 1 = {diff:+.1%}; curves in data/precision_loss_curves.png")
+    print("curves in data/precision_loss_curves.png")
     return 0
 
 

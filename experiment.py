@@ -345,9 +345,9 @@ def autocast(device, precision):
 # two EPYC cores, bfloat16). Two other parts of the U-Net get slower in that layout and are done
 # differently there: PyTorch's CPU GroupNorm becomes an order of magnitude slower with 4 or 8
 # channels per group (our blocks' 32 and 64 channels in 8 groups), so `group_norm_scale_shift`
-# replaces it; and
-# the attentions reshape their (heads x dims) channels against the pixels, which costs a transposing
-# copy per reshape in channels_last, so they run in (N, C, H, W) between two conversions.
+# replaces it; and the attentions reshape their (heads x dims) channels against the pixels, which
+# costs a transposing copy per reshape in channels_last, so they run in (N, C, H, W) between two
+# conversions.
 
 def is_channels_last(x):
     """True for a 4-d tensor stored channels_last (not one that is both, such as a 1-channel image)."""

@@ -182,14 +182,17 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, -1, h * w)
-        q, k, v = qkv.unbind(dim=1)  # each (b, heads, d, n)
+        return x + self.to_out(self.attend(self.to_qkv(self.norm(x))))
+
+    def attend(self, qkv):
+        """Queries, keys and values stacked on the channels (b, 3 hidden, h, w) -> (b, hidden, h, w)."""
+        b, _, h, w = qkv.shape
+        q, k, v = qkv.reshape(b, 3, self.heads, -1, h * w).unbind(dim=1)  # each (b, heads, d, n)
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         context = k @ v.transpose(-1, -2)  # (b, heads, d, d)
         out = context.transpose(-1, -2) @ q  # (b, heads, d, n)
-        return x + self.to_out(out.reshape(b, -1, h, w))
+        return out.reshape(b, -1, h, w)
 
 
 # from DDPM.ipynb, cell 42 ("5.3 Full attention at the bottleneck")

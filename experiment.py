@@ -346,8 +346,11 @@ def autocast(device, precision):
 # differently there: PyTorch's CPU GroupNorm becomes an order of magnitude slower with 4 or 8
 # channels per group (our blocks' 32 and 64 channels in 8 groups), so `group_norm_scale_shift`
 # replaces it; and the attentions reshape their (heads x dims) channels against the pixels, which
-# costs a transposing copy per reshape in channels_last, so they run in (N, C, H, W) between two
-# conversions.
+# costs a transposing copy per reshape in channels_last, so they attend in (N, C, H, W). The full
+# attention (7x7 pixels) converts its input and output; the linear attention at full resolution keeps
+# its normalisation and convolutions in channels_last and converts only around the attention itself
+# (5% faster training steps than converting its input, on two EPYC cores: its 1x1 convolution to
+# queries, keys and values is the largest at that resolution, and slow in (N, C, H, W)).
 
 def is_channels_last(x):
     """True for a 4-d tensor stored channels_last (not one that is both, such as a 1-channel image)."""
@@ -402,8 +405,11 @@ class GroupNormScaleShift(torch.autograd.Function):
         const = -rstd * mean_g_dy - mean * coef_x
         as_x = lambda c: c.to(x.dtype)[:, :, None, None]
         dx = torch.addcmul(torch.addcmul(as_x(const), x, as_x(coef_x)), dy, as_x(coef_dy))
+        # the scale and shift of a block without time conditioning are constant zeros: no gradient
+        needs_scale, needs_shift = ctx.needs_input_grad[3:5]
         return (dx, (one_plus_scale * sum_dy_xhat).sum(0).to(weight.dtype), (one_plus_scale * sum_dy).sum(0).to(bias.dtype),
-                (weight.to(acc) * sum_dy_xhat + bias.to(acc) * sum_dy).to(scale.dtype), sum_dy.to(scale.dtype), None, None)
+                (weight.to(acc) * sum_dy_xhat + bias.to(acc) * sum_dy).to(scale.dtype) if needs_scale else None,
+                sum_dy.to(scale.dtype) if needs_shift else None, None, None)
 
 
 def group_norm_scale_shift(x, norm, scale_shift=None):
@@ -425,22 +431,25 @@ class ChannelsLastBlock(DDPM.Block):
         return self.act(group_norm_scale_shift(self.proj(x), self.norm, scale_shift))
 
 
-class _AttentionInNCHW:
-    """An attention that receives channels_last activations computes in (N, C, H, W) and hands its
+class ChannelsLastLinearAttention(DDPM.LinearAttention):
+    """DDPM.LinearAttention whose normalisation and convolutions run in channels_last, where the
+    activations are; only its attention (`attend`) runs in (N, C, H, W), between two conversions."""
+
+    def forward(self, x):
+        if not is_channels_last(x):
+            return super().forward(x)
+        attended = self.attend(self.to_qkv(self.norm(x)).contiguous())
+        return x + self.to_out(attended.contiguous(memory_format=torch.channels_last))
+
+
+class ChannelsLastAttention(DDPM.Attention):
+    """DDPM.Attention that receives channels_last activations computes in (N, C, H, W) and hands its
     result back in channels_last: two conversions instead of a transposing copy per reshape."""
 
     def forward(self, x):
         if not is_channels_last(x):
             return super().forward(x)
         return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
-
-
-class ChannelsLastLinearAttention(_AttentionInNCHW, DDPM.LinearAttention):
-    pass
-
-
-class ChannelsLastAttention(_AttentionInNCHW, DDPM.Attention):
-    pass
 
 
 CHANNELS_LAST_MODULES = {DDPM.Block: ChannelsLastBlock, DDPM.LinearAttention: ChannelsLastLinearAttention,
@@ -458,7 +467,8 @@ def use_channels_last(unet):
     for module in unet.modules():
         if type(module) in CHANNELS_LAST_MODULES:
             module.__class__ = CHANNELS_LAST_MODULES[type(module)]
-    unet.init_conv.register_forward_hook(_output_channels_last)
+    if _output_channels_last not in unet.init_conv._forward_hooks.values():  # a second call changes nothing
+        unet.init_conv.register_forward_hook(_output_channels_last)
     return unet
 
 

@@ -1179,13 +1179,27 @@ def test_channels_last_unet_computes_what_the_default_unet_does():
     experiment.use_channels_last(unet)
     seen = []
     unet.downs[0][0][0].block1.register_forward_hook(lambda m, i, out: seen.append(experiment.is_channels_last(out)))
+    linear_attention = next(m for m in unet.modules() if isinstance(m, DDPM.LinearAttention))
+    for conv in (linear_attention.to_qkv, linear_attention.to_out[0]):  # its convolutions stay channels_last
+        conv.register_forward_hook(lambda m, i, out: seen.append(experiment.is_channels_last(out)))
     got = unet(x, t, labels)
     grads = torch.autograd.grad(got.square().sum(), list(unet.parameters()))
-    assert seen == [True]
+    assert seen == [True, True, True]
     assert list(unet.state_dict()) == keys
     assert torch.allclose(got, expected, rtol=0, atol=1e-10)
     for g, e in zip(grads, expected_grads):
         assert torch.allclose(g, e, rtol=1e-8, atol=1e-10)
+
+
+def test_a_second_use_channels_last_changes_nothing():
+    """Converting a U-Net twice leaves one conversion hook on its first convolution, and the same output."""
+    torch.manual_seed(0)
+    unet = DDPM.Unet(dim=16, dim_mults=(1, 2), attn_dim_head=8).double()
+    x, t = torch.randn(2, 1, 28, 28, dtype=torch.float64), torch.tensor([3, 700])
+    once = experiment.use_channels_last(unet)(x, t)
+    twice = experiment.use_channels_last(unet)(x, t)
+    assert len(unet.init_conv._forward_hooks) == 1
+    assert torch.equal(once, twice)
 
 
 def test_a_channels_last_run_trains_like_the_default_layout(tmp_path):

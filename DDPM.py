@@ -167,11 +167,9 @@ class ResnetBlock(nn.Module):
 
 # from DDPM.ipynb, cell 39 ("5.2 Linear attention in the down and up paths")
 class LinearAttention(nn.Module):
-    """Attention whose cost grows linearly with the number of pixels (Shen et al. 2021).
-
-    Keys are normalised over pixels and queries over channels, so the (d x d) context
-    k v^T can be formed first; no (pixels x pixels) matrix is ever built.
-    """
+    """Attention whose cost grows linearly with the number of pixels (Shen et al. 2021): keys
+    are normalised over pixels and queries over channels, so the (d x d) context k v^T can be
+    formed first; no (pixels x pixels) matrix is ever built."""
 
     def __init__(self, dim, heads=4, dim_head=32):
         super().__init__()
@@ -191,8 +189,7 @@ class LinearAttention(nn.Module):
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         context = k @ v.transpose(-1, -2)  # (b, heads, d, d)
-        out = context.transpose(-1, -2) @ q  # (b, heads, d, n)
-        return out.reshape(b, -1, h, w)
+        return (context.transpose(-1, -2) @ q).reshape(b, -1, h, w)  # (b, heads, d, n) -> (b, hidden, h, w)
 
 
 # from DDPM.ipynb, cell 42 ("5.3 Full attention at the bottleneck")

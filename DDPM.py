@@ -180,12 +180,12 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
 
     def forward(self, x):
-        return x + self.to_out(self.attend(self.to_qkv(self.norm(x))))
+        return x + self.to_out(self.attend(*self.to_qkv(self.norm(x)).chunk(3, dim=1)))
 
-    def attend(self, qkv):
-        """Queries, keys and values stacked on the channels (b, 3 hidden, h, w) -> (b, hidden, h, w)."""
-        b, _, h, w = qkv.shape
-        q, k, v = qkv.reshape(b, 3, self.heads, -1, h * w).unbind(dim=1)  # each (b, heads, d, n)
+    def attend(self, q, k, v):
+        """Queries, keys and values, each (b, hidden, h, w) -> the attended values (b, hidden, h, w)."""
+        b, _, h, w = q.shape
+        q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in (q, k, v))  # each (b, heads, d, n)
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         context = k @ v.transpose(-1, -2)  # (b, heads, d, d)

@@ -5,6 +5,7 @@ Training runs here are tiny (a 8-channel U-Net, 256 real MNIST images, a dozen s
 whole file runs in a few minutes on two CPU cores.
 """
 
+import copy
 import errno
 import json
 import os
@@ -1191,6 +1192,59 @@ def test_channels_last_unet_computes_what_the_default_unet_does():
         assert torch.allclose(g, e, rtol=1e-8, atol=1e-10)
 
 
+CHANNELS_LAST_CASES = {  # a module of each kind use_channels_last replaces, and the shape of its input
+    "LinearAttention": (lambda: DDPM.LinearAttention(12, heads=3, dim_head=8), (3, 12, 10, 6)),
+    "Attention": (lambda: DDPM.Attention(12, heads=3, dim_head=8), (3, 12, 5, 4)),
+    "Downsample": (lambda: DDPM.Downsample(6, 10), (3, 6, 10, 6)),
+    "Upsample": (lambda: DDPM.Upsample(10, 6), (3, 10, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "sampling"])
+@pytest.mark.parametrize("kind", sorted(CHANNELS_LAST_CASES))
+def test_each_channels_last_module_computes_what_its_ddpm_module_does(kind, grad):
+    """Each module's channels_last version, on channels_last input, in float64: the same output as
+    DDPM's module (and, in training, the same input and parameter gradients), in channels_last. Both
+    paths are covered: without gradients the attentions and the resamplers compute in another order."""
+    make, shape = CHANNELS_LAST_CASES[kind]
+    torch.manual_seed(0)
+    module = make().double()
+    with torch.no_grad():
+        for p in module.parameters():  # GroupNorm's affine parameters start at 1 and 0, which hides mistakes
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        expected = module(x.contiguous())
+        module.__class__ = experiment.CHANNELS_LAST_MODULES[type(module)]
+        got = module(x)
+    assert experiment.is_channels_last(got)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    if grad:
+        inputs = [x, *module.parameters()]
+        upstream = torch.randn_like(expected)
+        for g_got, g_expected in zip(torch.autograd.grad(got, inputs, upstream),
+                                     torch.autograd.grad(expected, inputs, upstream)):
+            assert torch.allclose(g_got, g_expected, rtol=0, atol=1e-10)
+
+
+def test_channels_last_sampling_in_bfloat16_is_as_accurate_as_the_default_layout():
+    """Without gradients the channels_last U-Net reorders the attentions' sums; under bfloat16 autocast
+    its output stays as close to the exact (float64) output as the default layout's does. Measured:
+    mean errors 0.0038 in both layouts, for outputs of mean size 0.34."""
+    torch.manual_seed(0)
+    unet = DDPM.Unet(dim=16, dim_mults=(1, 2), attn_dim_head=8)
+    x, t = torch.randn(8, 1, 28, 28), torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        exact = copy.deepcopy(unet).double()(x.double(), t)
+        errors = {}
+        for layout in ("default", "channels_last"):
+            if layout == "channels_last":
+                experiment.use_channels_last(unet)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errors[layout] = (unet(x, t).double() - exact).abs().mean().item()
+    assert errors["channels_last"] < 1.5 * errors["default"]
+
+
 def test_a_second_use_channels_last_changes_nothing():
     """Converting a U-Net twice leaves one conversion hook on its first convolution, and the same output."""
     torch.manual_seed(0)
@@ -1198,7 +1252,7 @@ def test_a_second_use_channels_last_changes_nothing():
     x, t = torch.randn(2, 1, 28, 28, dtype=torch.float64), torch.tensor([3, 700])
     once = experiment.use_channels_last(unet)(x, t)
     twice = experiment.use_channels_last(unet)(x, t)
-    assert len(unet.init_conv._forward_hooks) == 1
+    assert len(unet.init_conv._forward_pre_hooks) == 1
     assert torch.equal(once, twice)
 
 

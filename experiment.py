@@ -367,6 +367,33 @@ def _group_total(per_channel, groups):
     return per_group.expand(B, groups, C // groups).reshape(B, C)
 
 
+def _group_size(x, groups):
+    """The number of elements of x (B, C, H, W) in one image's group of channels."""
+    B, C, H, W = x.shape
+    return H * W * (C // groups)
+
+
+def _normalisation_coefficients(x, weight, bias, scale, shift, groups, eps):
+    """GroupNorm's per-channel statistics of x, (mean, rstd), and the per-channel affine map a x + d
+    that normalises x and then applies the weight, bias, scale and shift: (a, d, mean, rstd), each
+    (B, C) in float32 (float64 for float64 input)."""
+    n = _group_size(x, groups)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x_acc = x.to(acc)  # one conversion for both sums (`sum(dtype=...)` would convert x once per sum)
+    mean = _group_total(x_acc.sum((2, 3)), groups) / n
+    mean_sq = _group_total((x_acc * x_acc).sum((2, 3)), groups) / n
+    rstd = (mean_sq - mean * mean).clamp_min(0).add(eps).rsqrt()
+    one_plus_scale = 1 + scale.to(acc)
+    a = weight.to(acc) * one_plus_scale * rstd
+    d = bias.to(acc) * one_plus_scale + shift.to(acc) - mean * a
+    return a, d, mean, rstd
+
+
+def _per_channel_affine(x, a, d):
+    """a x + d with a, d of shape (B, C), in x's dtype."""
+    return torch.addcmul(d.to(x.dtype)[:, :, None, None], x, a.to(x.dtype)[:, :, None, None])
+
+
 class GroupNormScaleShift(torch.autograd.Function):
     """y = GroupNorm(x) (1 + scale) + shift, the normalisation of DDPM.Block followed by its time
     scale and shift, as one per-channel affine map y = a x + d (a, d per image and channel).
@@ -380,19 +407,10 @@ class GroupNormScaleShift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups, eps):
-        B, C = x.shape[:2]
-        n = x[0, 0].numel() * (C // groups)  # elements per group
-        acc = torch.promote_types(x.dtype, torch.float32)
-        x_acc = x.to(acc)  # one conversion for both sums (`sum(dtype=...)` would convert x once per sum)
-        mean = _group_total(x_acc.sum((2, 3)), groups) / n
-        mean_sq = _group_total((x_acc * x_acc).sum((2, 3)), groups) / n
-        rstd = (mean_sq - mean * mean).clamp_min(0).add(eps).rsqrt()
-        one_plus_scale = 1 + scale.to(acc)
-        a = weight.to(acc) * one_plus_scale * rstd
-        d = bias.to(acc) * one_plus_scale + shift.to(acc) - mean * a
+        a, d, mean, rstd = _normalisation_coefficients(x, weight, bias, scale, shift, groups, eps)
         ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
-        ctx.groups, ctx.n = groups, n
-        return torch.addcmul(d.to(x.dtype)[:, :, None, None], x, a.to(x.dtype)[:, :, None, None])
+        ctx.groups, ctx.n = groups, _group_size(x, groups)
+        return _per_channel_affine(x, a, d)
 
     @staticmethod
     def backward(ctx, dy):
@@ -422,8 +440,11 @@ def group_norm_scale_shift(x, norm, scale_shift=None):
     shape (B, C, 1, 1) is given: what DDPM.Block computes, fast in channels_last."""
     B, C = x.shape[:2]
     scale, shift = scale_shift if scale_shift is not None else (x.new_zeros(B, C), x.new_zeros(B, C))
-    return GroupNormScaleShift.apply(x, norm.weight, norm.bias, scale.reshape(B, C), shift.reshape(B, C),
-                                     norm.num_groups, norm.eps)
+    args = (x, norm.weight, norm.bias, scale.reshape(B, C), shift.reshape(B, C), norm.num_groups, norm.eps)
+    if not torch.is_grad_enabled():  # sampling: no graph to record, so none of autograd.Function's bookkeeping
+        a, d, *_ = _normalisation_coefficients(*args)
+        return _per_channel_affine(x, a, d)
+    return GroupNormScaleShift.apply(*args)
 
 
 class ChannelsLastBlock(DDPM.Block):
@@ -511,7 +532,7 @@ class ChannelsLastDownsample(DDPM.Downsample):
 
 # Row k of this matrix says which taps of a 3-tap kernel (offsets -1, 0, +1) on the nearest-upsampled
 # grid land on tap k of a 4-tap transposed convolution of stride 2 (see ChannelsLastUpsample).
-_UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
 class ChannelsLastUpsample(DDPM.Upsample):
@@ -525,8 +546,8 @@ class ChannelsLastUpsample(DDPM.Upsample):
         if not is_channels_last(x):
             return super().forward(x)
         weight = self.conv.weight
-        taps = weight.new_tensor(_UPSAMPLE_TAPS)
-        kernel = torch.einsum("ay,bx,oiyx->ioab", taps, taps, weight)  # (in, out, 4, 4), as conv_transpose2d wants
+        taps = _UPSAMPLE_TAPS.to(weight.dtype)
+        kernel = (taps @ weight @ taps.T).transpose(0, 1)  # (in, out, 4, 4), as conv_transpose2d wants
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 

@@ -1190,9 +1190,12 @@ def test_channels_last_unet_computes_what_the_default_unet_does():
     assert torch.allclose(got, expected, rtol=0, atol=1e-10)
     for g, e in zip(grads, expected_grads):
         assert torch.allclose(g, e, rtol=1e-8, atol=1e-10)
+    with torch.inference_mode():  # sampling: the modules' paths without gradients
+        assert torch.allclose(unet(x, t, labels), expected, rtol=0, atol=1e-10)
 
 
 CHANNELS_LAST_CASES = {  # a module of each kind use_channels_last replaces, and the shape of its input
+    "Block": (lambda: DDPM.Block(6, 8, groups=4), (3, 6, 5, 4)),
     "LinearAttention": (lambda: DDPM.LinearAttention(12, heads=3, dim_head=8), (3, 12, 10, 6)),
     "Attention": (lambda: DDPM.Attention(12, heads=3, dim_head=8), (3, 12, 5, 4)),
     "Downsample": (lambda: DDPM.Downsample(6, 10), (3, 6, 10, 6)),
@@ -1205,7 +1208,8 @@ CHANNELS_LAST_CASES = {  # a module of each kind use_channels_last replaces, and
 def test_each_channels_last_module_computes_what_its_ddpm_module_does(kind, grad):
     """Each module's channels_last version, on channels_last input, in float64: the same output as
     DDPM's module (and, in training, the same input and parameter gradients), in channels_last. Both
-    paths are covered: without gradients the attentions and the resamplers compute in another order."""
+    paths are covered: without gradients the attentions compute in another order, and the block's
+    normalisation skips autograd's bookkeeping."""
     make, shape = CHANNELS_LAST_CASES[kind]
     torch.manual_seed(0)
     module = make().double()

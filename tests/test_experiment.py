@@ -1153,6 +1153,20 @@ def test_group_norm_scale_shift_equals_group_norm_then_scale_and_shift(layout, w
         assert torch.allclose(g_got, g_expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, 1 << 20], ids=["one image at a time", "a few images", "all at once"])
+def test_pixel_sums_in_chunks_are_the_sums(monkeypatch, chunk_bytes):
+    """_pixel_sums converts bfloat16 activations to float32 a few images at a time: whatever the chunk,
+    its per-channel sums of x and x * y are float32 sums of the exact bfloat16 values."""
+    monkeypatch.setattr(experiment, "PIXEL_SUMS_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    x = (2 + torch.randn(5, 4, 6, 7)).bfloat16().contiguous(memory_format=torch.channels_last)
+    y = torch.randn(5, 4, 6, 7).bfloat16()
+    sums, products = experiment._pixel_sums(x, y, torch.float32)
+    assert sums.dtype == products.dtype == torch.float32 and sums.shape == (5, 4)
+    assert torch.allclose(sums.double(), x.double().sum((2, 3)), rtol=1e-6, atol=1e-5)
+    assert torch.allclose(products.double(), (x.double() * y.double()).sum((2, 3)), rtol=1e-6, atol=1e-5)
+
+
 def test_group_norm_scale_shift_in_bfloat16_stays_within_a_few_bfloat16_steps():
     """bfloat16 activations whose group means are 3 standard deviations from zero: the statistics are
     taken in float32 and only the per-channel coefficients and the output are rounded to bfloat16.

@@ -352,8 +352,9 @@ def autocast(device, precision):
 # (its 1x1 convolution to queries, keys and values is the largest at full resolution, and fast in
 # channels_last). Sampling needs no backward, and there each attention runs in the order that
 # touches the fewest full-resolution tensors, without conversions. In both, the resamplers become the
-# single convolutions they equal. On two EPYC cores (bfloat16, batch 64, benchmark.py) a forward pass
-# of the experiment defaults' U-Net took 76 ms in channels_last before these changes and 55 after.
+# single convolutions they equal. A forward pass of the experiment defaults' U-Net in channels_last
+# (bfloat16, batch 64, benchmark.py on two EPYC cores): 76.1 ms before these changes, 54.5 ms after
+# (two runs a day apart; the README's speed section has the same-day comparisons).
 
 def is_channels_last(x):
     """True for a 4-d tensor stored channels_last (not one that is both, such as a 1-channel image)."""
@@ -380,15 +381,14 @@ PIXEL_SUMS_CHUNK_BYTES = 1 << 20
 
 
 def _pixel_sums(x, y, acc):
-    """Per-image, per-channel sums over the pixels of x and of x * y, each (B, C) in dtype `acc`. x is
-    converted to `acc` a few images at a time (see PIXEL_SUMS_CHUNK_BYTES); y may be of any dtype."""
-    per_image = x[0].numel() * torch.finfo(acc).bits // 8
+    """Per-image, per-channel sums over the pixels of x and of x * y, each (B, C) in dtype `acc`. Both
+    are converted to `acc` a few images at a time (see PIXEL_SUMS_CHUNK_BYTES); y may be x itself."""
+    images_per_chunk = max(1, PIXEL_SUMS_CHUNK_BYTES // (x[0].numel() * torch.finfo(acc).bits // 8))
     sums, products = [], []
-    for x_part, y_part in zip(x.split(max(1, PIXEL_SUMS_CHUNK_BYTES // per_image)),
-                              y.split(max(1, PIXEL_SUMS_CHUNK_BYTES // per_image))):
+    for x_part, y_part in zip(x.split(images_per_chunk), y.split(images_per_chunk)):
         x_acc = x_part.to(acc)
         sums.append(x_acc.sum((2, 3)))
-        products.append((x_acc * y_part).sum((2, 3)))
+        products.append((x_acc * (x_acc if y is x else y_part.to(acc))).sum((2, 3)))
     return torch.cat(sums), torch.cat(products)
 
 
@@ -459,7 +459,7 @@ def group_norm_scale_shift(x, norm, scale_shift=None):
     B, C = x.shape[:2]
     scale, shift = scale_shift if scale_shift is not None else (x.new_zeros(B, C), x.new_zeros(B, C))
     args = (x, norm.weight, norm.bias, scale.reshape(B, C), shift.reshape(B, C), norm.num_groups, norm.eps)
-    if not torch.is_grad_enabled():  # sampling: no graph to record, so none of autograd.Function's bookkeeping
+    if not torch.is_grad_enabled():  # sampling: no graph to record, so no autograd.Function bookkeeping
         a, d, *_ = _normalisation_coefficients(*args)
         return _per_channel_affine(x, a, d)
     return GroupNormScaleShift.apply(*args)
@@ -482,9 +482,10 @@ def _pixel_rows(x):
 
 
 class ChannelsLastLinearAttention(DDPM.LinearAttention):
-    """DDPM.LinearAttention for channels_last activations. Training: its normalisation and 1x1
-    convolutions run in channels_last and only its attention (`attend`) in (N, C, H, W), between two
-    conversions. Without gradients (sampling), `_attend_pixels` instead."""
+    """DDPM.LinearAttention for channels_last activations. With gradients (training): its
+    normalisation and 1x1 convolutions run in channels_last and only its attention (`attend`) in
+    (N, C, H, W), between two conversions. Without gradients (sampling), `_attend_pixels` replaces
+    `to_qkv`, `attend` and `to_out[0]`. (The branch follows torch.is_grad_enabled(), not .eval().)"""
 
     def forward(self, x):
         if not is_channels_last(x):
@@ -497,32 +498,37 @@ class ChannelsLastLinearAttention(DDPM.LinearAttention):
     def _attend_pixels(self, x):
         """`to_out[0](attend(to_qkv(x)))` for channels_last x, in the order that touches the fewest
         full-resolution tensors: the values and the attended values are never formed. With P the
-        (n x c) pixels, per head
+        (n x c) pixels, per head (the output sums the heads' terms)
             k v^T = softmax_n(k) (P W_v^T)     = (softmax_n(k) P) W_v^T         (d x c, then d x d)
             W_out (k v^T)^T softmax_d(q) s     = (s W_out (k v^T)^T) softmax_d(q) (c x d, then c x n)
         so only q and k are projected (as matrix products that read the pixels where they lie), and
         the output is one product written straight into channels_last. The same sums as the
-        convolutions' in another order; with gradients it is slower than the path above."""
+        convolutions' in another order. It reads the weights of `to_qkv` and `to_out[0]` directly, so
+        hooks on those convolutions do not run here. (In training it was no faster per module on two
+        EPYC cores, and its backward is autograd's of these products; the path above keeps oneDNN's.)"""
         b, c, h, w = x.shape
         pixels = _pixel_rows(x)  # (b, n, c)
         w_q, w_k, w_v = self.to_qkv.weight.view(3, self.heads, -1, c)  # each (heads, d, c)
         q, k = ((weight.reshape(-1, c) @ pixels.mT).view(b, self.heads, -1, h * w) for weight in (w_q, w_k))
-        keyed_pixels = k.softmax(dim=-1).view(b, -1, h * w) @ pixels  # (b, hidden, c), every head in one product
+        keyed_pixels = k.softmax(dim=-1).view(b, -1, h * w) @ pixels  # (b, hidden, c): all heads, one product
         context = keyed_pixels.view(b, self.heads, -1, c) @ w_v.mT  # (b, heads, d, d) = k v^T
         out_conv = self.to_out[0]
         w_out = out_conv.weight.view(c, self.heads, -1).transpose(0, 1)  # (heads, c, d)
-        mixing = ((w_out @ context.mT) * self.scale).transpose(1, 2).reshape(b, c, -1)  # (b, c, hidden)
-        rows = torch.baddbmm(out_conv.bias, q.softmax(dim=-2).view(b, -1, h * w).mT, mixing.mT)  # (b, n, c)
+        # s W_out (k v^T)^T of every head side by side: (b, c, hidden), what multiplies softmax_d(q)
+        out_per_query = ((w_out @ context.mT) * self.scale).transpose(1, 2).reshape(b, c, -1)
+        rows = torch.baddbmm(out_conv.bias, q.softmax(dim=-2).view(b, -1, h * w).mT,
+                             out_per_query.mT)  # (b, n, c)
         return rows.view(b, h, w, c).permute(0, 3, 1, 2)  # (b, n, c) memory is channels_last
 
 
 class ChannelsLastAttention(DDPM.Attention):
-    """DDPM.Attention for channels_last activations. Training: computed in (N, C, H, W), between two
-    conversions (cheaper than a transposing copy per reshape). Without gradients (sampling): the 1x1
-    convolution's output, (b, n, 3 hidden) in memory, is viewed as queries, keys and values (b, heads,
-    n, d) with the feature dimension contiguous, which scaled_dot_product_attention's fused CPU kernel
-    wants (it is faster than the unfused one forward, slower backward), and its output goes back to
-    `to_out` in channels_last without a copy."""
+    """DDPM.Attention for channels_last activations. With gradients (training): computed in
+    (N, C, H, W), between two conversions (cheaper than a transposing copy per reshape). Without
+    gradients (sampling): the 1x1 convolution's output, (b, n, 3 hidden) in memory, is viewed as
+    queries, keys and values (b, heads, n, d) with the feature dimension contiguous, which
+    scaled_dot_product_attention's fused CPU kernel wants, and its output goes back to `to_out` in
+    channels_last without a copy. (With that kernel in training, its backward made the whole step
+    about 14 ms slower, 237 against 224 ms at batch 64 on two EPYC cores.)"""
 
     def forward(self, x):
         if not is_channels_last(x):
@@ -532,7 +538,8 @@ class ChannelsLastAttention(DDPM.Attention):
         b, c, h, w = x.shape
         qkv = _pixel_rows(self.to_qkv(self.norm(x))).view(b, h * w, 3, self.heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, heads, n, d)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h, w, -1)  # (b, h, w, hidden)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, n, d)
+        out = out.transpose(1, 2).reshape(b, h, w, -1)  # (b, h, w, hidden)
         return x + self.to_out(out.permute(0, 3, 1, 2))
 
 
@@ -543,7 +550,7 @@ class ChannelsLastDownsample(DDPM.Downsample):
     shuffling copy."""
 
     def forward(self, x):
-        if not is_channels_last(x):
+        if not is_channels_last(x) or x.shape[-2] % 2 or x.shape[-1] % 2:  # DDPM's rejects odd sizes
             return super().forward(x)
         weight = self.conv.weight
         return F.conv2d(x, weight.view(weight.shape[0], -1, 2, 2), self.conv.bias, stride=2)
@@ -565,7 +572,7 @@ class ChannelsLastUpsample(DDPM.Upsample):
         if not is_channels_last(x):
             return super().forward(x)
         weight = self.conv.weight
-        taps = _UPSAMPLE_TAPS.to(weight.dtype)
+        taps = _UPSAMPLE_TAPS.to(weight)  # the weight's dtype and device
         kernel = (taps @ weight @ taps.T).transpose(0, 1)  # (in, out, 4, 4), as conv_transpose2d wants
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
@@ -578,8 +585,9 @@ CHANNELS_LAST_MODULES = {DDPM.Block: ChannelsLastBlock, DDPM.LinearAttention: Ch
 def _input_channels_last(module, inputs):
     """The image in channels_last strides, so that the first convolution writes channels_last. A
     1-channel image is contiguous in both layouts and keeps PyTorch's (N, C, H, W) strides, which
-    makes oneDNN answer in (N, C, H, W) (and converting its 32-channel output costs about ten times
-    the convolution, on two EPYC cores); `empty_like` gives it the channels_last strides."""
+    makes oneDNN answer in (N, C, H, W); convolving and then converting its 32-channel output took 3.2
+    ms at batch 64 on two EPYC cores, against 0.35 ms for the convolution alone from channels_last
+    strides, which `empty_like` gives the image (a copy of the small input)."""
     x, *rest = inputs
     return (torch.empty_like(x, memory_format=torch.channels_last).copy_(x), *rest)
 
@@ -591,7 +599,7 @@ def use_channels_last(unet):
     for module in unet.modules():
         if type(module) in CHANNELS_LAST_MODULES:
             module.__class__ = CHANNELS_LAST_MODULES[type(module)]
-    if _input_channels_last not in unet.init_conv._forward_pre_hooks.values():  # a second call changes nothing
+    if _input_channels_last not in unet.init_conv._forward_pre_hooks.values():  # a second call: nothing new
         unet.init_conv.register_forward_pre_hook(_input_channels_last)
     return unet
 

@@ -1153,7 +1153,8 @@ def test_group_norm_scale_shift_equals_group_norm_then_scale_and_shift(layout, w
         assert torch.allclose(g_got, g_expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 2000, 1 << 20], ids=["one image at a time", "a few images", "all at once"])
+# one image below is 4 x 6 x 7 float32 values, 672 bytes: chunks of 1, 2 and all 5 images
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, 1 << 20], ids=["one image at a time", "two images", "all at once"])
 def test_pixel_sums_in_chunks_are_the_sums(monkeypatch, chunk_bytes):
     """_pixel_sums converts bfloat16 activations to float32 a few images at a time: whatever the chunk,
     its per-channel sums of x and x * y are float32 sums of the exact bfloat16 values."""
@@ -1208,33 +1209,49 @@ def test_channels_last_unet_computes_what_the_default_unet_does():
         assert torch.allclose(unet(x, t, labels), expected, rtol=0, atol=1e-10)
 
 
-CHANNELS_LAST_CASES = {  # a module of each kind use_channels_last replaces, and the shape of its input
-    "Block": (lambda: DDPM.Block(6, 8, groups=4), (3, 6, 5, 4)),
-    "LinearAttention": (lambda: DDPM.LinearAttention(12, heads=3, dim_head=8), (3, 12, 10, 6)),
-    "Attention": (lambda: DDPM.Attention(12, heads=3, dim_head=8), (3, 12, 5, 4)),
-    "Downsample": (lambda: DDPM.Downsample(6, 10), (3, 6, 10, 6)),
-    "Upsample": (lambda: DDPM.Upsample(10, 6), (3, 10, 5, 3)),
+CHANNELS_LAST_CASES = {  # a module of each kind use_channels_last replaces, and the shapes of its inputs
+    "Block": (lambda: DDPM.Block(6, 8, groups=4), [(3, 6, 5, 4), (1, 6, 3, 5)]),
+    "LinearAttention": (lambda: DDPM.LinearAttention(12, heads=3, dim_head=8), [(3, 12, 10, 6), (1, 12, 7, 5)]),
+    "Attention": (lambda: DDPM.Attention(12, heads=3, dim_head=8), [(3, 12, 5, 4), (1, 12, 7, 5)]),
+    "Downsample": (lambda: DDPM.Downsample(6, 10), [(3, 6, 10, 6), (1, 6, 2, 4)]),
+    "Upsample": (lambda: DDPM.Upsample(10, 6), [(3, 10, 5, 3), (1, 10, 1, 3)]),
+}
+# What each channels_last module runs of DDPM's code, with and without gradients: (owner, method, whether
+# it runs in training, whether it runs in sampling). It shows which of the module's paths was taken.
+CHANNELS_LAST_PATH_MARKERS = {
+    "Block": (experiment.GroupNormScaleShift, "apply", True, False),
+    "LinearAttention": (DDPM.LinearAttention, "attend", True, False),
+    "Attention": (DDPM.Attention, "forward", True, False),
+    "Downsample": (DDPM.Downsample, "forward", False, False),
+    "Upsample": (DDPM.Upsample, "forward", False, False),
 }
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "sampling"])
+@pytest.mark.parametrize("shape_index", [0, 1], ids=["batch 3", "batch 1, odd sizes"])
 @pytest.mark.parametrize("kind", sorted(CHANNELS_LAST_CASES))
-def test_each_channels_last_module_computes_what_its_ddpm_module_does(kind, grad):
+def test_each_channels_last_module_computes_what_its_ddpm_module_does(kind, shape_index, grad, monkeypatch):
     """Each module's channels_last version, on channels_last input, in float64: the same output as
-    DDPM's module (and, in training, the same input and parameter gradients), in channels_last. Both
-    paths are covered: without gradients the attentions compute in another order, and the block's
-    normalisation skips autograd's bookkeeping."""
-    make, shape = CHANNELS_LAST_CASES[kind]
+    DDPM's module (and, in training, the same input and parameter gradients), in channels_last, by the
+    path meant for that mode. Without gradients the attentions compute in another order, and the
+    block's normalisation skips autograd's bookkeeping."""
+    make, shapes = CHANNELS_LAST_CASES[kind]
     torch.manual_seed(0)
     module = make().double()
     with torch.no_grad():
         for p in module.parameters():  # GroupNorm's affine parameters start at 1 and 0, which hides mistakes
             p.add_(0.3 * torch.randn_like(p))
-    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    x = torch.randn(shapes[shape_index], dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         expected = module(x.contiguous())
+        owner, method, in_training, in_sampling = CHANNELS_LAST_PATH_MARKERS[kind]
+        calls = []
+        original = getattr(owner, method)
+        monkeypatch.setattr(owner, method, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
         module.__class__ = experiment.CHANNELS_LAST_MODULES[type(module)]
         got = module(x)
+    assert bool(calls) is (in_training if grad else in_sampling)
     assert experiment.is_channels_last(got)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
     if grad:
@@ -1243,6 +1260,15 @@ def test_each_channels_last_module_computes_what_its_ddpm_module_does(kind, grad
         for g_got, g_expected in zip(torch.autograd.grad(got, inputs, upstream),
                                      torch.autograd.grad(expected, inputs, upstream)):
             assert torch.allclose(g_got, g_expected, rtol=0, atol=1e-10)
+
+
+def test_channels_last_downsample_rejects_odd_sizes_as_ddpms_does():
+    """A 2x2 stride-2 convolution would silently drop an odd last row; DDPM.Downsample's pixel-unshuffle
+    refuses such an input, and so does its channels_last version."""
+    module = DDPM.Downsample(4, 4)
+    module.__class__ = experiment.ChannelsLastDownsample
+    with pytest.raises(RuntimeError):
+        module(torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last))
 
 
 def test_channels_last_sampling_in_bfloat16_is_as_accurate_as_the_default_layout():

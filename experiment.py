@@ -444,8 +444,7 @@ class GroupNormScaleShift(torch.autograd.Function):
         coef_dy = gain * rstd
         coef_x = -rstd * rstd * mean_g_dy_xhat
         const = -rstd * mean_g_dy - mean * coef_x
-        as_x = lambda c: c.to(x.dtype)[:, :, None, None]
-        dx = torch.addcmul(torch.addcmul(as_x(const), x, as_x(coef_x)), dy, as_x(coef_dy))
+        dx = torch.addcmul(_per_channel_affine(x, coef_x, const), dy, coef_dy.to(x.dtype)[:, :, None, None])
         # the scale and shift of a block without time conditioning are constant zeros: no gradient
         needs_scale, needs_shift = ctx.needs_input_grad[3:5]
         return (dx, (one_plus_scale * sum_dy_xhat).sum(0).to(weight.dtype), (one_plus_scale * sum_dy).sum(0).to(bias.dtype),

@@ -423,7 +423,7 @@ def build_our_experiment(model, spec, device):
     layout, built exactly as `experiment.py train` builds it."""
     cfg = our_config(model).replace(
         device=device.type, batch_size=spec["batch"], precision=spec["precision"],
-        channels_last=spec.get("channels_last", False), compile=spec.get("compile", False),
+        channels_last="on" if spec.get("channels_last") else "off", compile=spec.get("compile", False),
         out_dir=str(Path(tempfile.gettempdir()) / "ddpm-benchmark-unused"))
     # A run of the config's default length: the schedule's length sets the learning rate, not a step's cost.
     return experiment.Experiment(cfg).build(cfg.steps)
@@ -844,7 +844,8 @@ def collect_machine_facts(args, device):
         torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__,
         **{peer.package.replace("-", "_"): peer.version() for peer in PEERS.values()},  # None: not installed
-        bf16_supported=bf16, loadavg_1_5_15_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        bf16_supported=bf16, channels_last_default=experiment.channels_last_pays(device),  # Config's "auto"
+        loadavg_1_5_15_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
         note=("other_processes_cpu_share (whole run, and per measurement) is the share of all CPUs' time "
               "that other processes used meanwhile; busy_machine is true when it exceeds "
               f"{BUSY_SHARE:.0%}. Then the wall-clock throughputs are lower than on a quiet machine, on a "
@@ -1403,8 +1404,9 @@ def loss_curves(steps, device):
     if not experiment.bf16_supported(experiment.pick_device(device)):
         print("bfloat16 is not supported natively here: nothing to compare")
         return 1
-    settings = {"float32": dict(precision="float32"), "bfloat16": dict(precision="bfloat16"),
-                "bfloat16+channels_last": dict(precision="bfloat16", channels_last=True)}
+    settings = {"float32": dict(precision="float32", channels_last="off"),
+                "bfloat16": dict(precision="bfloat16", channels_last="off"),
+                "bfloat16+channels_last": dict(precision="bfloat16", channels_last="on")}
     manager = experiment.ExperimentManager([base.replace(**change) for change in settings.values()],
                                            "runs/precision_check", names=list(settings))
     rows = {r["run"]: r for r in manager.run(progress=True)}

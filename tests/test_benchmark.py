@@ -315,7 +315,8 @@ TOP_KEYS = ["meta", "models", "matmul_ceiling", "flops", "training", "paired_tra
             "training_ratios", "targets", "training_ratios_by_cpu_time", "cpu_time_note"]
 META_KEYS = ["date", "command", "device", "device_name", "cpu_model", "cpu_flags", "logical_cpus",
              "cpus_available", "torch_threads", "platform", "python", "torch", "diffusers",
-             "denoising_diffusion_pytorch", "bf16_supported", "loadavg_1_5_15_at_start", "note", "settings",
+             "denoising_diffusion_pytorch", "bf16_supported", "channels_last_default", "loadavg_1_5_15_at_start",
+             "note", "settings",
              "other_processes_cpu_share", "busy_machine", "loadavg_1_5_15_at_end", "wall_s", "partial"]
 TRAINING_ROW_KEYS = {"model", "setting", "precision", "channels_last", "compile", "optimizer", "extras", "params",
                      "warmup_step_s", "step_s", "median_step_s", "img_per_s", "img_per_s_fastest_step",
@@ -351,6 +352,7 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     assert list(d) == TOP_KEYS
     assert list(d["meta"]) == META_KEYS and d["meta"]["partial"] is False
     assert d["meta"]["cpu_model"] and isinstance(d["meta"]["cpu_flags"], list)
+    assert d["meta"]["channels_last_default"] is experiment.channels_last_pays(torch.device("cpu"))
     assert d["meta"]["settings"]["quick"] is True and d["meta"]["settings"]["batch"] == 2
     assert d["paired_training"] == {} and d["profile"] is None
     precisions = ["float32"]

@@ -74,6 +74,7 @@ def assert_same_tensors(a, b):
     ("cond_drop_prob", 1.0, r"config.cond_drop_prob=1.0 is not allowed: expected a number in \[0, 1\)"),
     ("guidance", -1.0, r"config.guidance=-1.0 is not allowed: expected a number >= 0"),
     ("conditional", "yes", r"config.conditional='yes' is not allowed: expected true or false"),
+    ("channels_last", True, r"config.channels_last=True is not allowed: expected one of \('auto', 'on', 'off'\)"),
 ])
 def test_config_rejects_invalid_values_naming_field_value_and_allowed(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -781,7 +782,7 @@ SHIPPED_WEIGHTS = sorted((REPO / "data").glob("*_ema.pt"))
 
 @pytest.mark.parametrize("weights", SHIPPED_WEIGHTS, ids=lambda p: p.name)
 def test_shipped_weights_load_and_sample_like_a_model_built_by_hand(weights):
-    diffusion, cfg = experiment.load_weights(weights)
+    diffusion, cfg = experiment.load_weights(weights, channels_last="off")  # the layout built by hand
     by_hand = experiment.build_diffusion(Config.load(experiment.weights_files(weights)[0]))
     by_hand.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     labels = dict(labels=torch.arange(4)) if cfg.conditional else {}   # a conditional model draws classes
@@ -1301,7 +1302,7 @@ def test_a_second_use_channels_last_changes_nothing():
 
 
 def test_a_channels_last_run_trains_like_the_default_layout(tmp_path):
-    """Config(channels_last=True): the same losses as the default layout over a few float32 steps
+    """Config(channels_last="on"): the same losses as the default layout over a few float32 steps
     from the same seed and data, and trained networks that predict the same noise (the layouts
     differ only in rounding; parameters whose gradient is zero in exact arithmetic, such as the
     biases in front of a one-channel GroupNorm group, are moved by Adam's normalised rounding noise
@@ -1309,7 +1310,8 @@ def test_a_channels_last_run_trains_like_the_default_layout(tmp_path):
     trained = {}
     x, t = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 10, 25, 49])
     for channels_last in (False, True):
-        exp = Experiment(tiny_config(tmp_path / str(channels_last), channels_last=channels_last)).build(4)
+        layout = "on" if channels_last else "off"
+        exp = Experiment(tiny_config(tmp_path / layout, channels_last=layout)).build(4)
         assert experiment.is_channels_last(exp.diffusion.model.init_conv(torch.zeros(2, 1, 28, 28))) is channels_last
         torch.manual_seed(1)
         batch = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
@@ -1318,3 +1320,67 @@ def test_a_channels_last_run_trains_like_the_default_layout(tmp_path):
             trained[channels_last] = losses, exp.diffusion.model(x, t)
     assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-4)
     assert torch.allclose(trained[True][1], trained[False][1], rtol=1e-3, atol=1e-3)
+
+
+def runs_in_channels_last(exp):
+    """Whether the experiment's networks (trained and EMA) were moved to channels_last, judged by their modules."""
+    kinds = {type(m) for net in (exp.diffusion, exp.ema.module) for m in net.modules()}
+    moved = [kind in kinds for kind in experiment.CHANNELS_LAST_MODULES.values()]
+    assert all(moved) or not any(moved), kinds
+    return all(moved)
+
+
+@pytest.mark.parametrize("machine,faster", [("x86_64", True), ("AMD64", True), ("aarch64", False), ("arm64", False)])
+def test_channels_last_auto_is_on_exactly_where_it_was_measured_faster(machine, faster, monkeypatch, tmp_path):
+    """"auto" (the default) picks channels_last on x86 CPUs, where it was measured faster, and the
+    default layout on other processors and on GPUs; "on" and "off" hold on any machine."""
+    monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert Config().channels_last == "auto"
+    assert experiment.resolve_channels_last("auto", cpu) is faster
+    assert experiment.resolve_channels_last("auto", gpu) is False
+    for device in (cpu, gpu):
+        assert experiment.resolve_channels_last("on", device) is True
+        assert experiment.resolve_channels_last("off", device) is False
+    exp = Experiment(tiny_config(tmp_path, channels_last="auto")).build(2)
+    assert (exp.channels_last, runs_in_channels_last(exp)) == (faster, faster)
+
+
+@pytest.mark.parametrize("saved,layout", [(True, "on"), (False, "off")])
+def test_a_config_saved_with_a_true_or_false_layout_loads_as_the_layout_it_trained_in(saved, layout, tmp_path):
+    """Runs saved before "auto" existed recorded channels_last as true or false: loading one keeps
+    the layout it trained in, so that it resumes as it would have gone on."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**tiny_config(tmp_path).to_dict(), "channels_last": saved}))
+    assert Config.load(path).channels_last == layout
+
+
+def test_sampling_from_a_run_takes_the_layout_that_pays_on_this_machine(tmp_path, monkeypatch):
+    """A run trained in the default layout ("off") samples in channels_last where that pays (an x86
+    CPU) and in the default layout where it does not, unless the caller names a layout; the samples
+    agree to float32 rounding, as the weights are the same."""
+    run = tmp_path / "run"
+    Experiment(tiny_config(run, channels_last="off", steps=2, checkpoint_every=2)).run(progress=False)
+    samples = {}
+    for machine, overrides in (("x86_64", {}), ("aarch64", {}), ("x86_64", {"channels_last": "off"})):
+        monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
+        exp = Experiment.from_run_dir(run, **overrides)
+        layout = runs_in_channels_last(exp)
+        assert layout is (machine == "x86_64" and not overrides)
+        samples[layout] = exp.ema.module.sample(3, generator=torch.Generator().manual_seed(0),
+                                                         sampling_steps=5, progress=False)
+    assert len(samples) == 2 and torch.allclose(*samples.values(), atol=1e-4)
+
+
+def test_shipped_weights_load_in_the_layout_that_pays_on_this_machine(monkeypatch):
+    """load_weights, like sampling from a run, picks channels_last where it pays ("auto"), and takes
+    "on" and "off" anywhere; any other layout is refused, naming what is allowed."""
+    weights = REPO / "data" / "ddpm_mnist_ema.pt"
+    for machine in ("x86_64", "aarch64"):
+        monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
+        for layout, moved in (("auto", machine == "x86_64"), ("on", True), ("off", False)):
+            diffusion, _ = experiment.load_weights(weights, channels_last=layout)
+            assert isinstance(diffusion.model.mid_attn, experiment.ChannelsLastAttention) is moved
+    allowed = r"channels_last=True is not allowed: expected one of \('auto', 'on', 'off'\)"
+    with pytest.raises(ConfigError, match=allowed):
+        experiment.load_weights(weights, channels_last=True)

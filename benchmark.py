@@ -13,7 +13,8 @@ One run on one machine measures, for every network at 28x28x1 and batch 64:
     subprocess above its RSS once the model and optimizer exist);
   * training FLOPs per image (torch.utils.flop_counter, forward + backward), the FLOP/s this
     achieves, and its fraction of the machine's matrix-multiply ceiling measured in the same run;
-  * sampling: one denoising forward pass on 64 images, and a 50-step DDIM run of 64 images.
+  * sampling: one denoising forward pass on 64 images, and a 50-step DDIM run of 64 images (the
+    median of --ddim-reps runs).
 
 Ours is timed through the real training path, `experiment.Experiment.train_step` (fused AdamW,
 gradient clipping, LR schedule and EMA update, exactly as `experiment.py train` runs it).
@@ -543,9 +544,9 @@ def worker_paired(spec, device):
 
 
 def worker_sample(spec, device):
-    """Per precision: one denoising forward pass on a batch, and a full DDIM run; with
+    """Per precision: one denoising forward pass on a batch, and full DDIM runs (their median); with
     spec["channels_last"], all of it again with the network in channels_last."""
-    B, reps, ddim_steps = spec["batch"], spec["reps"], spec["ddim_steps"]
+    B, reps, ddim_steps, ddim_reps = spec["batch"], spec["reps"], spec["ddim_steps"], spec.get("ddim_reps", 1)
     cfg = experiment.Config()
     if spec["model"] == "ours":
         diffusion = experiment.build_diffusion(cfg).to(device).eval()
@@ -592,11 +593,12 @@ def worker_sample(spec, device):
             with torch.inference_mode(), experiment.autocast(device, precision):
                 _, fwd, fwd_cpu = repeat_timed(lambda: forward(x, t), device, 2, reps)
                 ddim(2)  # warm-up: oneDNN / cuDNN kernel selection
-                ddim_s, ddim_cpu_s = timed(lambda: ddim(ddim_steps), device)
+                ddim_runs, ddim_cpu = zip(*(timed(lambda: ddim(ddim_steps), device) for _ in range(ddim_reps)))
             med = statistics.median(fwd)
             per_precision[precision] = dict(forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
                                             forward_median_cpu_s=statistics.median(fwd_cpu),
-                                            ddim_steps=ddim_steps, ddim_s=ddim_s, ddim_cpu_s=ddim_cpu_s)
+                                            ddim_steps=ddim_steps, ddim_runs_s=list(ddim_runs),
+                                            ddim_s=statistics.median(ddim_runs), ddim_cpu_s=statistics.median(ddim_cpu))
     return results
 
 
@@ -782,6 +784,8 @@ def build_parser():
     p.add_argument("--ddim-steps", type=int, default=DDIM_TARGET_STEPS,
                    help="DDIM sampling steps (default %(default)s)")
     p.add_argument("--forward-reps", type=int, default=10, help="timed single forward passes (default 10)")
+    p.add_argument("--ddim-reps", type=int, default=3,
+                   help="timed DDIM runs per setting, reported by their median (default 3)")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto (default): float32, and bfloat16 autocast where the hardware does it natively")
     p.add_argument("--channels-last", action="store_true", help="also measure the channels_last variants")
@@ -817,13 +821,14 @@ def parse_args(argv=None):
         p.error(f"--loss-curves must be >= 1, got {args.loss_curves}")
     if args.threads < 0:
         p.error("--threads must be >= 0")
-    for name in ("steps", "batch", "ddim_steps", "forward_reps", "paired_rounds"):
+    for name in ("steps", "batch", "ddim_steps", "ddim_reps", "forward_reps", "paired_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     if args.quick:
-        args.steps, args.warmup, args.ddim_steps, args.forward_reps, args.paired_rounds = 2, 1, 3, 2, 2
+        args.steps, args.warmup, args.ddim_steps, args.ddim_reps = 2, 1, 3, 1
+        args.forward_reps, args.paired_rounds = 2, 2
     return args
 
 
@@ -852,7 +857,8 @@ def collect_machine_facts(args, device):
               "CPU much lower (OpenMP threads that spin-wait at barriers lose their time slices), and "
               "the targets are not judged. The load averages are kept for reference."),
         settings=dict(threads=args.threads or "torch default", batch=args.batch, steps=args.steps,
-                      warmup=args.warmup, ddim_steps=args.ddim_steps, paired_rounds=args.paired_rounds,
+                      warmup=args.warmup, ddim_steps=args.ddim_steps, ddim_reps=args.ddim_reps,
+                      paired_rounds=args.paired_rounds,
                       forward_reps=args.forward_reps, quick=args.quick),
     )
 
@@ -991,7 +997,8 @@ def plan_measurements(args, device, precisions, peer_configs):
               for p in precisions]
     sampling = [(name, f"{name:<18}",
                  dict(common, kind="sample", model=name, batch=args.batch, reps=args.forward_reps,
-                      ddim_steps=args.ddim_steps, precisions=precisions, channels_last=args.channels_last,
+                      ddim_steps=args.ddim_steps, ddim_reps=args.ddim_reps, precisions=precisions,
+                      channels_last=args.channels_last,
                       peer_config=peer_configs.get(name)))
                 for name in ("ours", *peer_configs)]
     profile = [(None, "profiling our training step",
@@ -1446,7 +1453,7 @@ def image_shape_throughput(args, device, rounds=5):
               f"({row['ratio_to_first']:.0%} of {'x'.join(map(str, rows[0]['shape']))})")
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=experiment.device_name(device), batch=args.batch, threads=torch.get_num_threads(),
-                torch=torch.__version__)
+                torch=torch.__version__, channels_last=exp.channels_last)  # the default layout here
     data_path = Path("benchmark_image_shapes.json")
     experiment.data.atomic_write_text(data_path, json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     print(f"written to {data_path}")

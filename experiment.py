@@ -125,7 +125,7 @@ class Config:
 
     OPTIONAL = ("minutes", "min_snr_gamma", "init_weights")  # fields that may be None (off)
     # fields whose default changed after runs were saved without them: what such a run trained with
-    SAVED_BEFORE = {"min_snr_gamma": None}
+    SAVED_BEFORE = {"min_snr_gamma": None, "channels_last": "off"}
 
     def validate(self):
         """Reject invalid values before any work starts."""
@@ -1215,7 +1215,8 @@ class Experiment:
         rows = read_metrics(self.out)
         done = dict(step=self.step, final_loss=float(np.mean([r["loss"] for r in rows[-5:]])) if rows else None,
                     train_time_s=rows[-1]["train_time_s"] if rows else None,
-                    picture_sampling_time_s=round(sample_time, 2))
+                    picture_sampling_time_s=round(sample_time, 2),
+                    precision=self.precision, channels_last=self.channels_last)  # as resolved on this machine
         data.atomic_write_text(self.out / "done.json", json.dumps(done, indent=2) + "\n")
         self._print(f"finished {self.out}: " + ", ".join(f"{k}={v}" for k, v in done.items()))
 
@@ -1509,7 +1510,7 @@ def save_reverse_process_gif(trajectory, path, frames=40, nrow=4, hold_last=20):
 # same wall-clock budget with one lever changed at a time.
 LEVER_STUDY_BASE = dict(dataset="fashion_mnist", lr=1e-3, batch_size=128, warmup_steps=200, ema_decay=0.999,
                         ema_power=0.0, min_snr_gamma=None, dim=32, dim_mults=(1, 2, 4), objective="pred_noise",
-                        beta_schedule="linear", sampler="dpm++2m-sde", eval_steps=50)
+                        beta_schedule="linear", sampler="dpm++2m-sde", eval_steps=50, channels_last="off")
 LEVERS = {
     "baseline": {},
     "min_snr_5": dict(min_snr_gamma=5.0),       # Hang et al. (2023): less effort on nearly clean images
@@ -1979,6 +1980,9 @@ def _add_sampler_flags(p):
     p.add_argument("--label", help="conditional runs: the class to draw, a number or a name such as Sneaker "
                                    "(default: every class, one row each)")
     p.add_argument("--guidance", type=float, help="conditional runs: the guidance scale w (default: the config's)")
+    p.add_argument("--channels-last", choices=Config.CHOICES["channels_last"], default="auto",
+                   help="the U-Net's memory layout (default auto: channels_last where it pays, whatever the run "
+                        "trained in; off reproduces a result sampled in the default layout)")
 
 
 def train_base_config():
@@ -2113,7 +2117,7 @@ def cmd_resume(args):
 
 def cmd_sample(args):
     from torchvision.utils import save_image
-    exp = Experiment.from_path(args.source)
+    exp = Experiment.from_path(args.source, channels_last=args.channels_last)
     kwargs = _sampler_args(args, exp)
     label = kwargs.pop("labels", None)
     if label is None and exp.cfg.conditional:
@@ -2135,7 +2139,7 @@ def cmd_sample(args):
 
 
 def cmd_evaluate(args):
-    exp = Experiment.from_path(args.source)
+    exp = Experiment.from_path(args.source, channels_last=args.channels_last)
     kwargs = _sampler_args(args, exp)
     try:
         result = exp.evaluate(args.n, seed=args.seed, **kwargs)

@@ -440,8 +440,9 @@ def test_off_turns_an_optional_field_off(tmp_path, flag, value):
 
 
 def test_the_defaults_are_the_lever_study_base_with_its_winning_levers():
+    """... and the memory layout chosen per machine, where the study pins the one it ran in (NCHW)."""
     defaults = Config()
-    for field, value in {**experiment.LEVER_STUDY_BASE, **experiment.COMBINED}.items():
+    for field, value in {**experiment.LEVER_STUDY_BASE, **experiment.COMBINED, "channels_last": "auto"}.items():
         assert getattr(defaults, field) == value, field
 
 
@@ -799,6 +800,22 @@ def test_cli_samples_and_writes_a_gif_from_a_weights_file(tmp_path):
                          "--out", str(out), "--gif", str(gif)], timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.exists() and gif.exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+@pytest.mark.parametrize("flag,layout", [([], "auto"), (["--channels-last", "off"], "off"),
+                                         (["--channels-last", "on"], "on")])
+def test_cli_samples_in_the_layout_it_is_given(command, flag, layout, tmp_path, monkeypatch):
+    """`sample` and `evaluate` take the machine's layout by default, and --channels-last names another
+    (off reproduces results drawn in the default layout)."""
+    built = []
+
+    def from_path(path, **overrides):
+        built.append(overrides)
+        raise ConfigError("stop here")  # the layout is all this test needs
+    monkeypatch.setattr(Experiment, "from_path", from_path)
+    assert experiment.main([command, "data/ddpm_mnist_ema.pt", *flag]) == 2
+    assert built == [{"channels_last": layout}]
 
 
 def test_weights_without_their_config_exit_2_in_one_line(tmp_path):
@@ -1346,12 +1363,14 @@ def test_channels_last_auto_is_on_exactly_where_it_was_measured_faster(machine, 
     assert (exp.channels_last, runs_in_channels_last(exp)) == (faster, faster)
 
 
-@pytest.mark.parametrize("saved,layout", [(True, "on"), (False, "off")])
+@pytest.mark.parametrize("saved,layout", [(True, "on"), (False, "off"), (None, "off")])
 def test_a_config_saved_with_a_true_or_false_layout_loads_as_the_layout_it_trained_in(saved, layout, tmp_path):
-    """Runs saved before "auto" existed recorded channels_last as true or false: loading one keeps
-    the layout it trained in, so that it resumes as it would have gone on."""
+    """Runs saved before "auto" existed recorded channels_last as true or false, and runs saved before
+    the field existed trained in the default layout (None here: no field): loading one keeps the
+    layout it trained in, so that `resume` goes on as the run would have."""
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({**tiny_config(tmp_path).to_dict(), "channels_last": saved}))
+    fields = {k: v for k, v in tiny_config(tmp_path).to_dict().items() if k != "channels_last"}
+    path.write_text(json.dumps(fields if saved is None else {**fields, "channels_last": saved}))
     assert Config.load(path).channels_last == layout
 
 
@@ -1361,6 +1380,7 @@ def test_sampling_from_a_run_takes_the_layout_that_pays_on_this_machine(tmp_path
     agree to float32 rounding, as the weights are the same."""
     run = tmp_path / "run"
     Experiment(tiny_config(run, channels_last="off", steps=2, checkpoint_every=2)).run(progress=False)
+    assert json.loads((run / "done.json").read_text())["channels_last"] is False  # the layout it trained in
     samples = {}
     for machine, overrides in (("x86_64", {}), ("aarch64", {}), ("x86_64", {"channels_last": "off"})):
         monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
@@ -1373,14 +1393,15 @@ def test_sampling_from_a_run_takes_the_layout_that_pays_on_this_machine(tmp_path
 
 
 def test_shipped_weights_load_in_the_layout_that_pays_on_this_machine(monkeypatch):
-    """load_weights, like sampling from a run, picks channels_last where it pays ("auto"), and takes
-    "on" and "off" anywhere; any other layout is refused, naming what is allowed."""
+    """load_weights and Experiment.from_path, like sampling from a run, pick channels_last where it
+    pays ("auto"), and take "on" and "off" anywhere; any other layout is refused, naming what is allowed."""
     weights = REPO / "data" / "ddpm_mnist_ema.pt"
     for machine in ("x86_64", "aarch64"):
         monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
         for layout, moved in (("auto", machine == "x86_64"), ("on", True), ("off", False)):
             diffusion, _ = experiment.load_weights(weights, channels_last=layout)
             assert isinstance(diffusion.model.mid_attn, experiment.ChannelsLastAttention) is moved
+        assert runs_in_channels_last(Experiment.from_path(weights)) is (machine == "x86_64")
     allowed = r"channels_last=True is not allowed: expected one of \('auto', 'on', 'off'\)"
     with pytest.raises(ConfigError, match=allowed):
         experiment.load_weights(weights, channels_last=True)

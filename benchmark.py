@@ -235,6 +235,16 @@ def cpu_flags():
     return []
 
 
+# Environment variables that cap the instructions oneDNN (convolutions) and MKL (float32 torch.mm) use,
+# so that one machine can stand in for an older one (AVX2 only, say): the CPU flags then overstate it.
+ISA_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_limits():
+    """The instruction-set caps set in the environment ({variable: value}; empty when none is)."""
+    return {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if name in os.environ}
+
+
 def import_diffusers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -844,7 +854,7 @@ def collect_machine_facts(args, device):
         command=" ".join([Path(sys.executable).name, *sys.argv]),
         device=str(device),
         device_name=experiment.device_name(device),
-        cpu_model=experiment.cpu_model(), cpu_flags=cpu_flags(), logical_cpus=os.cpu_count(),
+        cpu_model=experiment.cpu_model(), cpu_flags=cpu_flags(), isa_limits=isa_limits(), logical_cpus=os.cpu_count(),
         cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__,
@@ -868,6 +878,8 @@ def print_machine_facts(meta, device, threads):
                          for p in PEERS.values())
     print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
           f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, {versions}")
+    if meta["isa_limits"]:
+        print("instruction sets capped by the environment: " + ", ".join(f"{k}={v}" for k, v in meta["isa_limits"].items()))
     load = meta["loadavg_1_5_15_at_start"]
     if not load:
         return
@@ -1012,7 +1024,7 @@ def plan_measurements(args, device, precisions, peer_configs):
                                         f"process, steps interleaved ({args.paired_rounds} rounds after "
                                         f"{args.warmup} warm-up steps each)", paired))
     plan.append(("sampling", f"\nsampling: batch {args.batch}; forward = median of {args.forward_reps} passes, "
-                             f"DDIM = one run of {args.ddim_steps} steps", sampling))
+                             f"DDIM = median of {args.ddim_reps} run(s) of {args.ddim_steps} steps", sampling))
     if not args.no_profile:
         plan.append(("profile", None, profile))  # no header: its one line follows sampling's
     return plan

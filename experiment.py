@@ -341,13 +341,14 @@ def bf16_supported(device):
 
 def channels_last_pays(device):
     """Whether `use_channels_last` makes the U-Net faster on `device`, as measured: on x86 CPUs,
-    whose convolutions (oneDNN) read and write channels_last directly. Measured in training steps and
-    sampling forward passes of the experiment defaults at batch 64, against the default layout: two AMD
-    EPYC cores (AVX-512, benchmark.py: +1%/+19% in float32, +5%/+39% in bfloat16), the same cores with
-    oneDNN limited to AVX2 as on an older laptop (+9%/+22% in float32), two Intel Xeon cores with
-    AMX (training: +15% in float32, level in bfloat16). GPUs and other CPUs are not measured: there
-    the default layout stays."""
-    return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    whose convolutions (oneDNN) read and write channels_last directly. `benchmark.py --channels-last`,
+    training steps / sampling forward passes of the experiment defaults at batch 64 against the
+    default layout: two AMD EPYC cores (AVX-512) +5 to +18% / +39 to +50% in bfloat16, +1 to +4% /
+    +19 to +21% in float32 (two runs); the same cores with oneDNN and MKL limited to AVX2, as on an
+    older laptop, +9% / +19% in float32; two Intel Xeon cores with AMX, training only, +15% in
+    float32 and level in bfloat16. GPUs and other CPUs are not measured: there the default layout
+    stays."""
+    return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def resolve_channels_last(setting, device):

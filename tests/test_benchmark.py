@@ -319,7 +319,7 @@ def test_unavailable_device_is_a_one_line_error(monkeypatch, capsys, tmp_path):
 
 TOP_KEYS = ["meta", "models", "matmul_ceiling", "flops", "training", "paired_training", "sampling", "profile",
             "training_ratios", "targets", "training_ratios_by_cpu_time", "cpu_time_note"]
-META_KEYS = ["date", "command", "device", "device_name", "cpu_model", "cpu_flags", "logical_cpus",
+META_KEYS = ["date", "command", "device", "device_name", "cpu_model", "cpu_flags", "isa_limits", "logical_cpus",
              "cpus_available", "torch_threads", "platform", "python", "torch", "diffusers",
              "denoising_diffusion_pytorch", "bf16_supported", "channels_last_default", "loadavg_1_5_15_at_start",
              "note", "settings",
@@ -347,7 +347,9 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     # (importing torch and the peers' packages), so each measurement fewer counts.
     cmd = [sys.executable, "benchmark.py", "--quick", "--no-paired", "--no-profile", "--device", "cpu",
            "--precision", "float32", "--batch", "2", "--threads", "1", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in os.environ.items() if k not in benchmark.ISA_LIMIT_VARIABLES}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               ONEDNN_MAX_CPU_ISA="AVX2")  # recorded in the JSON: the flags then overstate what ran
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "=== targets ===" in proc.stdout
@@ -359,6 +361,7 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     assert list(d["meta"]) == META_KEYS and d["meta"]["partial"] is False
     assert d["meta"]["cpu_model"] and isinstance(d["meta"]["cpu_flags"], list)
     assert d["meta"]["channels_last_default"] is experiment.channels_last_pays(torch.device("cpu"))
+    assert d["meta"]["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # set for the run below
     assert d["meta"]["settings"]["quick"] is True and d["meta"]["settings"]["batch"] == 2
     assert d["paired_training"] == {} and d["profile"] is None
     precisions = ["float32"]

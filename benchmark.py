@@ -556,7 +556,7 @@ def worker_paired(spec, device):
 def worker_sample(spec, device):
     """Per precision: one denoising forward pass on a batch, and full DDIM runs (their median); with
     spec["channels_last"], all of it again with the network in channels_last."""
-    B, reps, ddim_steps, ddim_reps = spec["batch"], spec["reps"], spec["ddim_steps"], spec.get("ddim_reps", 1)
+    B, reps, ddim_steps, ddim_reps = spec["batch"], spec["reps"], spec["ddim_steps"], spec["ddim_reps"]
     cfg = experiment.Config()
     if spec["model"] == "ours":
         diffusion = experiment.build_diffusion(cfg).to(device).eval()
@@ -879,7 +879,8 @@ def print_machine_facts(meta, device, threads):
     print(f"benchmark on {meta['device_name']} ({device}, {meta['torch_threads']} torch threads, "
           f"{meta['logical_cpus']} logical CPUs), torch {meta['torch']}, {versions}")
     if meta["isa_limits"]:
-        print("instruction sets capped by the environment: " + ", ".join(f"{k}={v}" for k, v in meta["isa_limits"].items()))
+        caps = ", ".join(f"{k}={v}" for k, v in meta["isa_limits"].items())
+        print(f"instruction sets capped by the environment: {caps}")
     load = meta["loadavg_1_5_15_at_start"]
     if not load:
         return

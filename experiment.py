@@ -1404,14 +1404,12 @@ def load_weights(path, device="cpu", channels_last="auto"):
         diffusion, cfg = experiment.load_weights("data/ddpm_mnist_ema.pt")
         images = diffusion.sample(64, sampler=cfg.sampler, sampling_steps=cfg.sample_steps)
     """
-    layouts = Config.CHOICES["channels_last"]
-    if channels_last not in layouts:
-        raise ConfigError(f"channels_last={channels_last!r} is not allowed: expected one of {layouts}")
     cfg = weights_config(path)
+    layout = cfg.replace(channels_last=channels_last).channels_last  # checked as the config field is
     diffusion = build_diffusion(cfg)
     diffusion.load_state_dict(read_weights(path, diffusion))
     device = torch.device(device)
-    if resolve_channels_last(channels_last, device):
+    if resolve_channels_last(layout, device):
         use_channels_last(diffusion.model)
     return diffusion.to(device).eval(), cfg
 
@@ -1981,7 +1979,8 @@ def _add_sampler_flags(p):
     p.add_argument("--label", help="conditional runs: the class to draw, a number or a name such as Sneaker "
                                    "(default: every class, one row each)")
     p.add_argument("--guidance", type=float, help="conditional runs: the guidance scale w (default: the config's)")
-    p.add_argument("--channels-last", choices=Config.CHOICES["channels_last"], default="auto",
+    p.add_argument("--channels-last", choices=Config.CHOICES["channels_last"],
+                   default=Experiment.SAMPLING_LAYOUT["channels_last"],
                    help="the U-Net's memory layout (default auto: channels_last where it pays, whatever the run "
                         "trained in; off reproduces a result sampled in the default layout)")
 

@@ -486,13 +486,24 @@ def group_norm_scale_shift(x, norm, scale_shift=None):
     return GroupNormScaleShift.apply(*args)
 
 
-class ChannelsLastBlock(DDPM.Block):
-    """DDPM.Block, with its GroupNorm and time scale-shift done by `group_norm_scale_shift` where
-    the activations are channels_last (as DDPM.Block elsewhere)."""
+class ChannelsLastModule:
+    """The base of the channels_last versions of DDPM's modules below (listed first among a version's
+    bases): activations that are channels_last go to its `channels_last_forward`, any others to the
+    DDPM module's own forward, so a converted U-Net still takes (N, C, H, W) activations."""
 
-    def forward(self, x, scale_shift=None):
-        if not is_channels_last(x):
-            return super().forward(x, scale_shift)
+    def forward(self, x, *args, **kwargs):
+        if self.takes_channels_last(x):
+            return self.channels_last_forward(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+    def takes_channels_last(self, x):
+        return is_channels_last(x)
+
+
+class ChannelsLastBlock(ChannelsLastModule, DDPM.Block):
+    """DDPM.Block, with its GroupNorm and time scale-shift done by `group_norm_scale_shift`."""
+
+    def channels_last_forward(self, x, scale_shift=None):
         return self.act(group_norm_scale_shift(self.proj(x), self.norm, scale_shift))
 
 
@@ -502,15 +513,13 @@ def _pixel_rows(x):
     return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-class ChannelsLastLinearAttention(DDPM.LinearAttention):
+class ChannelsLastLinearAttention(ChannelsLastModule, DDPM.LinearAttention):
     """DDPM.LinearAttention for channels_last activations. With gradients (training): its
     normalisation and 1x1 convolutions run in channels_last and only its attention (`attend`) in
     (N, C, H, W), between two conversions. Without gradients (sampling), `_attend_pixels` replaces
     `to_qkv`, `attend` and `to_out[0]`. (The branch follows torch.is_grad_enabled(), not .eval().)"""
 
-    def forward(self, x):
-        if not is_channels_last(x):
-            return super().forward(x)
+    def channels_last_forward(self, x):
         if not torch.is_grad_enabled():
             return x + self.to_out[1](self._attend_pixels(self.norm(x)))
         q, k, v = self.to_qkv(self.norm(x)).contiguous().chunk(3, dim=1)
@@ -542,7 +551,7 @@ class ChannelsLastLinearAttention(DDPM.LinearAttention):
         return rows.view(b, h, w, c).permute(0, 3, 1, 2)  # (b, n, c) memory is channels_last
 
 
-class ChannelsLastAttention(DDPM.Attention):
+class ChannelsLastAttention(ChannelsLastModule, DDPM.Attention):
     """DDPM.Attention for channels_last activations. With gradients (training): computed in
     (N, C, H, W), between two conversions (cheaper than a transposing copy per reshape). Without
     gradients (sampling): the 1x1 convolution's output, (b, n, 3 hidden) in memory, is viewed as
@@ -551,11 +560,9 @@ class ChannelsLastAttention(DDPM.Attention):
     channels_last without a copy. (With that kernel in training, its backward made the whole step
     about 14 ms slower, 237 against 224 ms at batch 64 on two EPYC cores.)"""
 
-    def forward(self, x):
-        if not is_channels_last(x):
-            return super().forward(x)
+    def channels_last_forward(self, x):
         if torch.is_grad_enabled():
-            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+            return DDPM.Attention.forward(self, x.contiguous()).contiguous(memory_format=torch.channels_last)
         b, c, h, w = x.shape
         qkv = _pixel_rows(self.to_qkv(self.norm(x))).view(b, h * w, 3, self.heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, heads, n, d)
@@ -564,15 +571,16 @@ class ChannelsLastAttention(DDPM.Attention):
         return x + self.to_out(out.permute(0, 3, 1, 2))
 
 
-class ChannelsLastDownsample(DDPM.Downsample):
+class ChannelsLastDownsample(ChannelsLastModule, DDPM.Downsample):
     """DDPM.Downsample (pixel-unshuffle, then a 1x1 convolution) as the one convolution it equals: 2x2
     with stride 2, whose weights are the 1x1's regrouped (unshuffled channel c 4 + 2 i + j is pixel
     (i, j) of channel c). In channels_last it reads the activations where they are, without the
     shuffling copy."""
 
-    def forward(self, x):
-        if not is_channels_last(x) or x.shape[-2] % 2 or x.shape[-1] % 2:  # DDPM's rejects odd sizes
-            return super().forward(x)
+    def takes_channels_last(self, x):
+        return is_channels_last(x) and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0  # DDPM's rejects odd sizes
+
+    def channels_last_forward(self, x):
         weight = self.conv.weight
         return F.conv2d(x, weight.view(weight.shape[0], -1, 2, 2), self.conv.bias, stride=2)
 
@@ -582,16 +590,14 @@ class ChannelsLastDownsample(DDPM.Downsample):
 _UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
-class ChannelsLastUpsample(DDPM.Upsample):
+class ChannelsLastUpsample(ChannelsLastModule, DDPM.Upsample):
     """DDPM.Upsample (nearest-neighbour x2, then a 3x3 convolution) as the one transposed convolution
     it equals: stride 2, 4x4 kernel, padding 1. An output pixel's 3x3 neighbourhood on the upsampled
     grid covers only 2x2 input pixels, so summing the taps that fall on the same input pixel gives a
     kernel with 4 taps per output pixel instead of 9: 2.25 times fewer multiplications, and no 4x
     larger upsampled copy."""
 
-    def forward(self, x):
-        if not is_channels_last(x):
-            return super().forward(x)
+    def channels_last_forward(self, x):
         weight = self.conv.weight
         taps = _UPSAMPLE_TAPS.to(weight)  # the weight's dtype and device
         kernel = (taps @ weight @ taps.T).transpose(0, 1)  # (in, out, 4, 4), as conv_transpose2d wants
@@ -1543,6 +1549,13 @@ SPEED_FIELDS = ("dataset", "image_size", "channels", "dim", "dim_mults", "resnet
                 "conditional", "batch_size", "device", "precision", "channels_last", "compile")
 
 
+def step_work(cfg):
+    """The work of one training step of `cfg`: its SPEED_FIELDS, with the layout as it resolves on the
+    config's device, so that "auto" and the setting it stands for here share one measurement."""
+    layout = resolve_channels_last(cfg.channels_last, pick_device(cfg.device))
+    return tuple(layout if field == "channels_last" else getattr(cfg, field) for field in SPEED_FIELDS)
+
+
 def lever_study(root, minutes, levers=LEVERS, seeds=(0,), repeat=None, step_times=None, **fixed):
     """An ExperimentManager over `levers` ({name: config changes}) applied to LEVER_STUDY_BASE, each
     trained for as many steps as `minutes` of its own step time allow; every seed after the first
@@ -1572,15 +1585,14 @@ def lever_study(root, minutes, levers=LEVERS, seeds=(0,), repeat=None, step_time
 def kept_step_times(configs, path):
     """Seconds per training step of each config ({name: Config}): read from the JSON file `path`
     where it holds them, measured for the rest (once per distinct amount of work per step, see
-    SPEED_FIELDS: levers such as the learning rate or the EMA share their baseline's time), and
+    step_work: levers such as the learning rate or the EMA share their baseline's time), and
     written back to `path`."""
     step_times = json.loads(Path(path).read_text()) if Path(path).exists() else {}
-    work = lambda cfg: tuple(getattr(cfg, f) for f in SPEED_FIELDS)
-    known = {work(configs[name]): step_times[name] for name in configs if name in step_times}
+    known = {step_work(configs[name]): step_times[name] for name in configs if name in step_times}
     groups = {}
     for name, cfg in configs.items():
         if name not in step_times:
-            groups.setdefault(work(cfg), []).append(name)
+            groups.setdefault(step_work(cfg), []).append(name)
     if not groups:
         return step_times
     unknown = {names[0]: configs[names[0]] for key, names in groups.items() if key not in known}
@@ -1590,7 +1602,7 @@ def kept_step_times(configs, path):
         reference = next((name for name in configs if name in step_times), None)
         measured = measure_step_times({**unknown, **({reference: configs[reference]} if reference else {})})
         scale = step_times[reference] / measured.pop(reference) if reference else 1.0
-        known.update({work(configs[n]): round(t * scale, 4) for n, t in measured.items()})
+        known.update({step_work(configs[n]): round(t * scale, 4) for n, t in measured.items()})
     step_times.update({name: known[key] for key, names in groups.items() for name in names})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     data.atomic_write_text(path, json.dumps(step_times, indent=2) + "\n")
@@ -1795,17 +1807,19 @@ def _print_now(line):
 
 
 def sampler_frontier(source, path, n=1000, nfes=(10, 20, 50, 100), spacing_nfes=(10, 20), seed=0, batch=500,
-                     log=_print_now):
+                     channels_last=Experiment.SAMPLING_LAYOUT["channels_last"], log=_print_now):
     """Score the weights in `source` (a run directory or a weights file) with every few-step sampler of
     FRONTIER_SAMPLERS at each count of network evaluations in `nfes` (at the sampler's default spacing),
     with every spacing at `spacing_nfes`, and with DDPM over every timestep as the reference: `n`
     samples per set, all drawn from the same starting noise (`seed`), so the sets differ only by sampler.
+    `channels_last` ("auto", "on", "off") is the U-Net's layout, recorded as resolved: the layouts round
+    bfloat16 sums differently, so their sets are not mixed.
 
     The result (JSON, see the keys below) is rewritten after every set, so a killed measurement resumes
     where it stopped: sets already in `path` under the same settings are not drawn again.
     Returns the result dict.
     """
-    exp = Experiment.from_path(source)
+    exp = Experiment.from_path(source, channels_last=channels_last)
     if exp.cfg.conditional:
         raise ConfigError(f"{source} is a conditional model: the frontier compares unconditional samplers")
     T = exp.cfg.timesteps
@@ -1813,10 +1827,10 @@ def sampler_frontier(source, path, n=1000, nfes=(10, 20, 50, 100), spacing_nfes=
         raise ConfigError(f"network evaluations {(*nfes, *spacing_nfes)} are not allowed: the few-step samplers "
                           f"take 1..{T - 1} each (DDPM, the reference, takes all {T})")
     settings = dict(source=str(source), n_samples=n, seed=seed, batch=batch, precision=exp.precision,
-                    device=str(exp.device), device_name=device_name(exp.device))
+                    channels_last=exp.channels_last, device=str(exp.device), device_name=device_name(exp.device))
     done = {}
     if Path(path).exists():
-        previous = json.loads(Path(path).read_text())
+        previous = {"channels_last": False, **json.loads(Path(path).read_text())}  # older files: drawn in NCHW
         if {k: previous.get(k) for k in settings} == settings:
             done = {(r["sampler"], r["nfe"], r["spacing"]): r for r in [previous["reference"], *previous["rows"]] if r}
     result = dict(settings, complete=False, default_spacings=DDPM.GaussianDiffusion.DEFAULT_SPACINGS,
@@ -1979,6 +1993,10 @@ def _add_sampler_flags(p):
     p.add_argument("--label", help="conditional runs: the class to draw, a number or a name such as Sneaker "
                                    "(default: every class, one row each)")
     p.add_argument("--guidance", type=float, help="conditional runs: the guidance scale w (default: the config's)")
+    _add_layout_flag(p)
+
+
+def _add_layout_flag(p):
     p.add_argument("--channels-last", choices=Config.CHOICES["channels_last"],
                    default=Experiment.SAMPLING_LAYOUT["channels_last"],
                    help="the U-Net's memory layout (default auto: channels_last where it pays, whatever the run "
@@ -2061,6 +2079,7 @@ def build_parser():
                     help="network evaluations at which every spacing is compared")
     fr.add_argument("--seed", type=int, default=0, help="seed of the starting noise, the same for every set")
     fr.add_argument("--batch", type=int, default=500, help="images per sampling batch")
+    _add_layout_flag(fr)
     fr.set_defaults(func=cmd_frontier)
     ew = sub.add_parser("export-weights", help="save a run's EMA weights (with its log and config beside them)")
     ew.add_argument("run_dir")
@@ -2167,7 +2186,8 @@ def cmd_frontier(args):
     _check_count("n", args.n)
     _check_count("batch", args.batch)
     result = sampler_frontier(args.source, args.out, n=args.n, nfes=tuple(args.nfes),
-                              spacing_nfes=tuple(args.spacing_nfes), seed=args.seed, batch=args.batch)
+                              spacing_nfes=tuple(args.spacing_nfes), seed=args.seed, batch=args.batch,
+                              channels_last=args.channels_last)
     print(f"wrote {args.out}; FID / share classified with confidence >= 0.9 / ms per image:")
     print(frontier_table(result), end="")
 

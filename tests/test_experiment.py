@@ -420,6 +420,19 @@ def test_lever_study_gives_each_lever_the_steps_its_step_time_allows(tmp_path, m
     assert (kept["lr"], kept["wide"]) == (0.5, 1.0)
 
 
+@pytest.mark.parametrize("machine, auto_shares_with", [("x86_64", "on"), ("aarch64", "base")])
+def test_lever_study_measures_auto_once_with_the_layout_it_resolves_to(tmp_path, monkeypatch, machine, auto_shares_with):
+    measured = []
+    monkeypatch.setattr(experiment, "measure_step_times", lambda configs: measured.append(sorted(configs)) or
+                        {name: 0.6 if cfg.channels_last == "on" else 0.5 for name, cfg in configs.items()})
+    monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
+    levers = dict(base={}, on=dict(channels_last="on"), auto=dict(channels_last="auto"))  # the base pins "off"
+    experiment.lever_study(tmp_path, minutes=1.0, levers=levers)
+    assert measured == [["base", "on"]]  # "auto" is not timed apart: it is one of the two layouts here
+    kept = json.loads((tmp_path / "step_times.json").read_text())
+    assert kept["auto"] == kept[auto_shares_with] != kept[({"on", "base"} - {auto_shares_with}).pop()]
+
+
 @pytest.mark.needs_data
 def test_step_times_are_measured_for_every_config(tmp_path):
     configs = dict(small=tiny_config(tmp_path / "a", batch_size=4), large=tiny_config(tmp_path / "b", batch_size=64))
@@ -802,19 +815,19 @@ def test_cli_samples_and_writes_a_gif_from_a_weights_file(tmp_path):
     assert out.exists() and gif.exists()
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate"])
+@pytest.mark.parametrize("command", [["sample"], ["evaluate"], ["frontier", "--out", "x.json"]])
 @pytest.mark.parametrize("flag,layout", [([], "auto"), (["--channels-last", "off"], "off"),
                                          (["--channels-last", "on"], "on")])
 def test_cli_samples_in_the_layout_it_is_given(command, flag, layout, tmp_path, monkeypatch):
-    """`sample` and `evaluate` take the machine's layout by default, and --channels-last names another
-    (off reproduces results drawn in the default layout)."""
+    """`sample`, `evaluate` and `frontier` take the machine's layout by default, and --channels-last
+    names another (off reproduces results drawn in the default layout)."""
     built = []
 
     def from_path(path, **overrides):
         built.append(overrides)
         raise ConfigError("stop here")  # the layout is all this test needs
     monkeypatch.setattr(Experiment, "from_path", from_path)
-    assert experiment.main([command, "data/ddpm_mnist_ema.pt", *flag]) == 2
+    assert experiment.main([command[0], "data/ddpm_mnist_ema.pt", *command[1:], *flag]) == 2
     assert built == [{"channels_last": layout}]
 
 
@@ -1108,6 +1121,27 @@ def test_evaluate_on_a_run_directory_prints_only_its_json_on_stdout(tiny_weights
     done = run_python(["experiment.py", "evaluate", str(run), "--n", "8", "--steps", "2"])
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["n_samples"] == 8
+
+
+@pytest.mark.needs_data
+def test_frontier_does_not_mix_sets_drawn_in_different_layouts(tiny_weights, tmp_path, monkeypatch):
+    out = tmp_path / "frontier.json"
+    kwargs = dict(n=8, nfes=(2,), spacing_nfes=(), batch=8, log=lambda line: None)
+    first = experiment.sampler_frontier(tiny_weights, out, channels_last="off", **kwargs)
+    assert first["channels_last"] is False
+    sets = 1 + len(experiment.FRONTIER_SAMPLERS)
+    drawn, real_evaluate = [], Experiment.evaluate
+    monkeypatch.setattr(Experiment, "evaluate", lambda self, *a, **kw: drawn.append(self.channels_last) or
+                        real_evaluate(self, *a, **kw))
+    experiment.sampler_frontier(tiny_weights, out, channels_last="off", **kwargs)
+    assert drawn == []                                  # the same layout: every set is kept
+    saved = json.loads(out.read_text())
+    del saved["channels_last"]                          # a file written before the layout was recorded
+    out.write_text(json.dumps(saved))
+    experiment.sampler_frontier(tiny_weights, out, channels_last="off", **kwargs)
+    assert drawn == []                                  # ... was drawn in the default layout
+    second = experiment.sampler_frontier(tiny_weights, out, channels_last="on", **kwargs)
+    assert drawn == [True] * sets and second["channels_last"] is True   # another layout: all drawn again
 
 
 def test_frontier_table_shows_each_default_spacing_row_once_and_the_reference():

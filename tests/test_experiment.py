@@ -1248,8 +1248,8 @@ def test_channels_last_unet_computes_what_the_default_unet_does():
     seen = []
     unet.downs[0][0][0].block1.register_forward_hook(lambda m, i, out: seen.append(experiment.is_channels_last(out)))
     linear_attention = next(m for m in unet.modules() if isinstance(m, DDPM.LinearAttention))
-    for conv in (linear_attention.to_qkv, linear_attention.to_out[0]):  # its convolutions stay channels_last
-        conv.register_forward_hook(lambda m, i, out: seen.append(experiment.is_channels_last(out)))
+    for module in (linear_attention.to_out[1], linear_attention):  # it hands on channels_last
+        module.register_forward_hook(lambda m, i, out: seen.append(experiment.is_channels_last(out)))
     got = unet(x, t, labels)
     grads = torch.autograd.grad(got.square().sum(), list(unet.parameters()))
     assert seen == [True, True, True]

@@ -514,35 +514,11 @@ def _pixel_rows(x):
 
 
 class ChannelsLastLinearAttention(ChannelsLastModule, DDPM.LinearAttention):
-    """DDPM.LinearAttention for channels_last activations. With gradients (training): its attention
-    (`attend`) runs in (N, C, H, W), and its 1x1 convolutions become the matrix products they are,
-    which read and write each layout where it lies (`_attend_between_layouts`). Without gradients
-    (sampling), `_attend_pixels` replaces `to_qkv`, `attend` and `to_out[0]`. (The branch follows
-    torch.is_grad_enabled(), not .eval().)"""
+    """DDPM.LinearAttention for channels_last activations: `_attend_pixels` replaces `to_qkv`,
+    `attend` and `to_out[0]`, in training and in sampling alike."""
 
     def channels_last_forward(self, x):
-        attend = self._attend_between_layouts if torch.is_grad_enabled() else self._attend_pixels
-        return x + self.to_out[1](attend(self.norm(x)))
-
-    def _attend_between_layouts(self, x):
-        """`to_out[0](attend(to_qkv(x)))` for channels_last x, with `attend` in (N, C, H, W). With P the
-        (n x c) pixels, to_qkv is W_qkv P^T, which comes out (N, C, H, W) from the channels_last
-        input, and to_out[0] is A^T W_out^T + bias for the attended values A (hidden x n), which comes
-        out channels_last: no activation is copied from one layout to the other, in either pass. The
-        convolutions it replaces converted the (3 hidden)-channel queries, keys and values, and their
-        gradients, instead. On two EPYC cores at batch 64 in bfloat16, forward and backward of the
-        module at 28x28 took 22 against 27 ms, and the whole training step of the experiment defaults
-        / the U-Net's constructor defaults 4% / 7% less time (interleaved A/B); in float32 the step
-        was level to 2% slower (MKL's float32 products on that AMD CPU use AVX2 only). (Each product
-        takes its weight as a batch of views: a weight matrix times a batch of matrices would be
-        folded into one product and then transposed.)"""
-        b, c, h, w = x.shape
-        pixels = _pixel_rows(x)  # (b, n, c)
-        qkv = torch.bmm(self.to_qkv.weight.view(-1, c).expand(b, -1, -1), pixels.mT)  # (b, 3 hidden, n)
-        attended = self.attend(*qkv.view(b, -1, h, w).chunk(3, dim=1)).view(b, -1, h * w)  # (b, hidden, n)
-        out_conv = self.to_out[0]
-        rows = torch.baddbmm(out_conv.bias, attended.mT, out_conv.weight.view(c, -1).T.expand(b, -1, -1))
-        return rows.view(b, h, w, c).permute(0, 3, 1, 2)  # (b, n, c) memory is channels_last
+        return x + self.to_out[1](self._attend_pixels(self.norm(x)))
 
     def _attend_pixels(self, x):
         """`to_out[0](attend(to_qkv(x)))` for channels_last x, in the order that touches the fewest
@@ -553,8 +529,12 @@ class ChannelsLastLinearAttention(ChannelsLastModule, DDPM.LinearAttention):
         so only q and k are projected (as matrix products that read the pixels where they lie), and
         the output is one product written straight into channels_last. The same sums as the
         convolutions' in another order. It reads the weights of `to_qkv` and `to_out[0]` directly, so
-        hooks on those convolutions do not run here. (In training it was no faster per module on two
-        EPYC cores, and its backward is autograd's of these products; the path above keeps oneDNN's.)"""
+        hooks on those convolutions do not run here. Its backward is autograd's of these products,
+        which touch no full-resolution tensor in the wrong layout either. Against attending in
+        (N, C, H, W) between two 1x1 convolutions in channels_last, which had to convert the
+        192-channel queries, keys and values at 28x28 and their gradient, the training step of the
+        experiment defaults at batch 64 on two EPYC cores took 8% less time in bfloat16 and 3% less
+        in float32 (interleaved A/B; 15% at the U-Net's constructor defaults, in bfloat16)."""
         b, c, h, w = x.shape
         pixels = _pixel_rows(x)  # (b, n, c)
         w_q, w_k, w_v = self.to_qkv.weight.view(3, self.heads, -1, c)  # each (heads, d, c)

@@ -818,7 +818,7 @@ def build_parser():
                         "curves (data/precision_loss_curves.png)")
     p.add_argument("--image-shapes", action="store_true",
                    help="instead of the full run: our training step at the default 1x28x28 and at 3x32x32 RGB, "
-                        "steps interleaved, with the throughput ratio (data/benchmark_image_shapes.json)")
+                        "steps interleaved, with the throughput ratio (data/image_shape_throughput.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -1467,7 +1467,7 @@ def image_shape_throughput(args, device, rounds=5):
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=experiment.device_name(device), batch=args.batch, threads=torch.get_num_threads(),
                 torch=torch.__version__, channels_last=exp.channels_last)  # the default layout here
-    data_path = Path("data/benchmark_image_shapes.json")
+    data_path = Path("data/image_shape_throughput.json")
     experiment.data.atomic_write_text(data_path, json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     print(f"written to {data_path}")
     return 0

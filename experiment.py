@@ -369,14 +369,13 @@ def autocast(device, precision):
 # differently there: PyTorch's CPU GroupNorm becomes an order of magnitude slower with 4 or 8
 # channels per group (our blocks' 32 and 64 channels in 8 groups), so `group_norm_scale_shift`
 # replaces it; and the attentions reshape their (heads x dims) channels against the pixels, which
-# costs a transposing copy per reshape in channels_last. In training the full attention (7x7 pixels)
-# converts its input and output, and the linear attention converts only around the attention itself
-# (its 1x1 convolution to queries, keys and values is the largest at full resolution, and fast in
-# channels_last). Sampling needs no backward, and there each attention runs in the order that
-# touches the fewest full-resolution tensors, without conversions. In both, the resamplers become the
-# single convolutions they equal. A forward pass of the experiment defaults' U-Net in channels_last
-# (bfloat16, batch 64, benchmark.py on two EPYC cores): 76.1 ms before these changes, 54.5 ms after
-# (two runs a day apart; the README's speed section has the same-day comparisons).
+# costs a transposing copy per reshape in channels_last. The linear attention runs in the order that
+# touches the fewest full-resolution tensors, without conversions, in training and sampling alike;
+# the full attention (7x7 pixels) does so in sampling and converts its input and output in training.
+# In both, the resamplers become the single convolutions they equal. A forward pass of the experiment
+# defaults' U-Net in channels_last (bfloat16, batch 64, benchmark.py on two EPYC cores): 76.1 ms
+# before these changes, 54.5 ms after (two runs a day apart; the README's speed section has the
+# same-day comparisons).
 
 def is_channels_last(x):
     """True for a 4-d tensor stored channels_last (not one that is both, such as a 1-channel image)."""

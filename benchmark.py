@@ -1467,7 +1467,7 @@ def image_shape_throughput(args, device, rounds=5):
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=experiment.device_name(device), batch=args.batch, threads=torch.get_num_threads(),
                 torch=torch.__version__, channels_last=exp.channels_last)  # the default layout here
-    data_path = Path("data/image_shape_throughput.json")
+    data_path = REPO_DIR / "data" / "image_shape_throughput.json"
     experiment.data.atomic_write_text(data_path, json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     print(f"written to {data_path}")
     return 0

@@ -343,8 +343,8 @@ def channels_last_pays(device):
     """Whether `use_channels_last` makes the U-Net faster on `device`, as measured: on x86 CPUs,
     whose convolutions (oneDNN) read and write channels_last directly. `benchmark.py --channels-last`,
     training steps / sampling forward passes of the experiment defaults at batch 64 against the
-    default layout: two AMD EPYC cores (AVX-512) +5 to +18% / +39 to +50% in bfloat16, +1 to +4% /
-    +19 to +21% in float32 (two runs); the same cores with oneDNN and MKL limited to AVX2, as on an
+    default layout: two AMD EPYC cores (AVX-512) +5 to +21% / +36 to +50% in bfloat16, +1 to +4% /
+    +14 to +21% in float32 (three runs); the same cores with oneDNN and MKL limited to AVX2, as on an
     older laptop, +9% / +19% in float32; two Intel Xeon cores with AMX, training only, +15% in
     float32 and level in bfloat16. GPUs and other CPUs are not measured: there the default layout
     stays."""
@@ -1550,8 +1550,9 @@ SPEED_FIELDS = ("dataset", "image_size", "channels", "dim", "dim_mults", "resnet
 def step_work(cfg):
     """The work of one training step of `cfg`: its SPEED_FIELDS, with the layout as it resolves on the
     config's device, so that "auto" and the setting it stands for here share one measurement."""
-    layout = resolve_channels_last(cfg.channels_last, pick_device(cfg.device))
-    return tuple(layout if field == "channels_last" else getattr(cfg, field) for field in SPEED_FIELDS)
+    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)  # no check: times may be kept
+    resolved = dict(device=device.type, channels_last=resolve_channels_last(cfg.channels_last, device))
+    return tuple(resolved.get(field, getattr(cfg, field)) for field in SPEED_FIELDS)
 
 
 def lever_study(root, minutes, levers=LEVERS, seeds=(0,), repeat=None, step_times=None, **fixed):
@@ -1828,7 +1829,9 @@ def sampler_frontier(source, path, n=1000, nfes=(10, 20, 50, 100), spacing_nfes=
                     channels_last=exp.channels_last, device=str(exp.device), device_name=device_name(exp.device))
     done = {}
     if Path(path).exists():
-        previous = {"channels_last": False, **json.loads(Path(path).read_text())}  # older files: drawn in NCHW
+        # files from before the layout was recorded were drawn in NCHW (except any written on an x86 CPU
+        # on 2026-11-28 between commits c9d5860 and a22db3f, in channels_last)
+        previous = {"channels_last": False, **json.loads(Path(path).read_text())}
         if {k: previous.get(k) for k in settings} == settings:
             done = {(r["sampler"], r["nfe"], r["spacing"]): r for r in [previous["reference"], *previous["rows"]] if r}
     result = dict(settings, complete=False, default_spacings=DDPM.GaussianDiffusion.DEFAULT_SPACINGS,
@@ -1998,7 +2001,7 @@ def _add_layout_flag(p):
     p.add_argument("--channels-last", choices=Config.CHOICES["channels_last"],
                    default=Experiment.SAMPLING_LAYOUT["channels_last"],
                    help="the U-Net's memory layout (default auto: channels_last where it pays, whatever the run "
-                        "trained in; off reproduces a result sampled in the default layout)")
+                        "trained in; off reproduces a result sampled in NCHW)")
 
 
 def train_base_config():

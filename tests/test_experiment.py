@@ -428,7 +428,7 @@ def test_lever_study_measures_auto_once_with_the_layout_it_resolves_to(tmp_path,
                         {name: 0.6 if cfg.channels_last == "on" else 0.5 for name, cfg in configs.items()})
     monkeypatch.setattr(experiment.platform, "machine", lambda: machine)
     levers = dict(base={}, on=dict(channels_last="on"), auto=dict(channels_last="auto"))  # the base pins "off"
-    experiment.lever_study(tmp_path, minutes=1.0, levers=levers)
+    experiment.lever_study(tmp_path, minutes=1.0, levers=levers, device="cpu")  # "auto" keeps NCHW on a GPU
     assert measured == [["base", "on"]]  # "auto" is not timed apart: it is one of the two layouts here
     kept = json.loads((tmp_path / "step_times.json").read_text())
     assert kept["auto"] == kept[auto_shares_with] != kept[({"on", "base"} - {auto_shares_with}).pop()]
@@ -1286,8 +1286,9 @@ CHANNELS_LAST_PATH_MARKERS = {
 def test_each_channels_last_module_computes_what_its_ddpm_module_does(kind, shape_index, grad, monkeypatch):
     """Each module's channels_last version, on channels_last input, in float64: the same output as
     DDPM's module (and, in training, the same input and parameter gradients), in channels_last, by the
-    path meant for that mode. Without gradients the attentions compute in another order, and the
-    block's normalisation skips autograd's bookkeeping."""
+    path meant for that mode. The linear attention computes in another order in both modes, the full
+    attention without gradients, and without gradients the block's normalisation skips autograd's
+    bookkeeping."""
     make, shapes = CHANNELS_LAST_CASES[kind]
     torch.manual_seed(0)
     module = make().double()

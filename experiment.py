@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +358,10 @@ def resolve_channels_last(setting, device):
 
 
 def autocast(device, precision):
+    """The context that runs code on `device` (a torch.device) at `precision`, one of
+    Config.CHOICES["precision"]: bfloat16 autocast, or nothing for float32."""
+    if precision not in Config.CHOICES["precision"]:
+        raise ValueError(f"precision must be one of {Config.CHOICES['precision']}, got {precision!r}")
     if precision == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -627,6 +632,103 @@ def use_channels_last(unet):
     if _input_channels_last not in unet.init_conv._forward_pre_hooks.values():  # a second call: nothing new
         unet.init_conv.register_forward_pre_hook(_input_channels_last)
     return unet
+
+
+# ---- CUDA graphs: sampling without a kernel launch per operation ----
+# On a GPU the U-Net's forward pass is several hundred small kernels, each launched from Python, and
+# at these model sizes the launches, not the arithmetic, set the pace. A CUDA graph records the
+# kernels of one forward pass once and replays them all with one launch. A sampler calls the network
+# 10 to 1,000 times with the same shapes, so `graphed_sampling` records on the first call and
+# replays for the rest. The sampler's own arithmetic between the calls (a few elementwise kernels
+# per step) stays eager. Training records its step through torch.compile instead (Config.compile).
+
+# Eager passes before recording: cuDNN and cuBLAS choose kernels and allocate workspaces on their
+# first calls, which must happen outside the recording.
+CUDA_GRAPH_WARMUP_PASSES = 2
+
+
+def record_cuda_graph(net, inputs):
+    """Record net(*inputs) on the GPU as a CUDA graph, under the autocast setting of the caller.
+    Returns (static inputs, static output, replay): after new inputs are copied into the static ones,
+    replay() leaves net's output for them in the static output. Nothing is computed for `inputs`
+    themselves until the first replay."""
+    static_inputs = [x.clone() for x in inputs]
+    device = static_inputs[0].device
+    # Autocast caches the weights it casts until its outermost block exits, and then frees them; a
+    # graph that read cached casts would read freed memory on a later replay, so it records its own.
+    precision = dict(device_type="cuda", enabled=torch.is_autocast_enabled("cuda"),
+                     dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+    def forward():
+        with torch.autocast(**precision):
+            return net(*static_inputs)
+
+    warmup_stream = torch.cuda.Stream(device)  # as PyTorch asks: warm up off the default stream
+    warmup_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(warmup_stream):
+        for _ in range(CUDA_GRAPH_WARMUP_PASSES):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(warmup_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_output = forward()
+    return static_inputs, static_output, graph.replay
+
+
+class GraphedNetwork(nn.Module):
+    """`net` whose calls without gradients replay a recorded graph: one per set of input shapes,
+    dtypes and autocast setting, recorded by `record` (see `record_cuda_graph`) on the first call
+    with them. Each call returns a copy of the output, since the next replay overwrites it. Calls
+    that record gradients run `net` itself. Where recording fails, the inputs of that kind run `net`
+    eagerly from then on, after a warning that names the error."""
+
+    def __init__(self, net, record=record_cuda_graph):
+        super().__init__()
+        self.net, self.record, self.graphs = net, record, {}
+
+    def forward(self, *inputs):
+        if torch.is_grad_enabled():
+            return self.net(*inputs)
+        device_type = inputs[0].device.type
+        kind = (tuple((x.shape, x.dtype, x.device) for x in inputs),
+                torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        if kind not in self.graphs:
+            try:
+                self.graphs[kind] = self.record(self.net, inputs)
+            except Exception as e:  # an operation that cannot be recorded: this kind of input runs eagerly
+                warnings.warn(f"recording the network as a graph failed ({_first_line(e)}); "
+                              f"it runs eagerly for inputs of shapes {[tuple(x.shape) for x in inputs]}")
+                self.graphs[kind] = None
+        if self.graphs[kind] is None:
+            return self.net(*inputs)
+        static_inputs, static_output, replay = self.graphs[kind]
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x)
+        replay()
+        return static_output.clone()
+
+
+@contextlib.contextmanager
+def graphed_sampling(diffusion, record=None):
+    """Within the block, `diffusion`'s network is a GraphedNetwork: on a GPU its forward passes are
+    recorded and replayed as CUDA graphs; on other devices nothing changes (unless `record` says how
+    to record there). The graphs live as long as the block, so weights changed in place (by the EMA,
+    or by loading a state_dict) are read at each replay.
+
+        with experiment.graphed_sampling(diffusion):
+            images = diffusion.sample(64, sampling_steps=50)
+    """
+    if record is None:
+        if diffusion.device.type != "cuda":
+            yield diffusion
+            return
+        record = record_cuda_graph
+    net = diffusion.model
+    diffusion.model = GraphedNetwork(net, record)
+    try:
+        yield diffusion
+    finally:
+        diffusion.model = net
 
 
 def count_training_flops(loss_fn, n_images):
@@ -1177,7 +1279,7 @@ class Experiment:
         diffusion = self.ema.module if use_ema else self.diffusion
         diffusion.eval()
         try:
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.precision), graphed_sampling(diffusion):  # CUDA graphs on a GPU
                 out = diffusion.sample(n, sampling_steps=steps or self.cfg.sample_steps, generator=generator,
                                        return_all_timesteps=return_all_timesteps, progress=progress,
                                        **sampler_kwargs(self.cfg, sampler, eta), **kwargs)

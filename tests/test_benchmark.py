@@ -330,7 +330,7 @@ TRAINING_ROW_KEYS = {"model", "setting", "precision", "channels_last", "compile"
                      "final_loss", "threads", "loadavg_1min_at_worker_start", "worker_wall_s",
                      "other_processes_cpu_share", "achieved_gflop_per_s", "fraction_of_matmul_ceiling",
                      "fraction_of_matmul_ceiling_cpu_time"}
-SAMPLING_KEYS = {"params", "precisions", "loadavg_1min_at_worker_start", "worker_wall_s",
+SAMPLING_KEYS = {"params", "cuda_graphs", "precisions", "loadavg_1min_at_worker_start", "worker_wall_s",
                  "other_processes_cpu_share"}
 SAMPLING_PRECISION_KEYS = {"forward_s", "forward_median_s", "forward_img_per_s", "forward_median_cpu_s",
                            "ddim_steps", "ddim_runs_s", "ddim_s", "ddim_cpu_s"}
@@ -380,7 +380,7 @@ def test_quick_benchmark_writes_the_json(tmp_path):
         assert TRAINING_ROW_KEYS <= set(r) <= TRAINING_ROW_KEYS | {"fraction_of_onednn_fp32_gemm"}
     assert set(d["sampling"]) == {"ours", *peers}
     for res in d["sampling"].values():
-        assert set(res) == SAMPLING_KEYS and list(res["precisions"]) == precisions
+        assert set(res) == SAMPLING_KEYS and list(res["precisions"]) == precisions and res["cuda_graphs"] is False
         assert all(set(v) == SAMPLING_PRECISION_KEYS for v in res["precisions"].values())
 
     assert set(d["targets"]) == {*(f"train_speedup_vs_{name}" for name in peers), "train_fraction_of_matmul_ceiling",

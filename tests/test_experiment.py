@@ -397,6 +397,120 @@ def test_compile_captures_cuda_graphs_on_a_gpu_only(tmp_path, monkeypatch, devic
     assert asked == [mode]
 
 
+def test_autocast_rejects_a_precision_it_does_not_know():
+    with pytest.raises(ValueError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'bf16'"):
+        experiment.autocast(torch.device("cpu"), "bf16")  # once ran silently in float32
+
+
+# ---------------------------------------------------------------- CUDA graphs for sampling
+def replaying_record(recorded):
+    """A stand-in for `experiment.record_cuda_graph` that runs on the CPU with a CUDA graph's
+    contract: the caller copies inputs into static buffers, and each replay overwrites one static
+    output in place. It appends the input shapes of each recording to `recorded`."""
+    def record(net, inputs):
+        recorded.append([tuple(x.shape) for x in inputs])
+        static_inputs = [x.clone() for x in inputs]
+        static_output = net(*static_inputs)
+
+        def replay():
+            static_output.copy_(net(*static_inputs))
+        return static_inputs, static_output, replay
+    return record
+
+
+def tiny_diffusion(tmp_path, **changes):
+    torch.manual_seed(0)
+    return experiment.build_diffusion(tiny_config(tmp_path, **changes)).eval()
+
+
+def test_graphed_sampling_draws_the_eager_samples_with_one_recording_per_kind_of_input(tmp_path):
+    diffusion, recorded = tiny_diffusion(tmp_path), []
+    eager = diffusion.sample(6, sampler="ddim", sampling_steps=5, generator=torch.Generator().manual_seed(1))
+    with experiment.graphed_sampling(diffusion, record=replaying_record(recorded)):
+        graphed = diffusion.sample(6, sampler="ddim", sampling_steps=5, generator=torch.Generator().manual_seed(1))
+        diffusion.sample(4, sampler="ddim", sampling_steps=5)  # another batch: another recording
+    assert torch.equal(graphed, eager)
+    assert recorded == [[(6, 1, 28, 28), (6,)], [(4, 1, 28, 28), (4,)]]  # 10 network calls, 2 recordings
+
+
+def test_graphed_network_returns_copies_that_the_next_replay_leaves_alone(tmp_path):
+    net = tiny_diffusion(tmp_path).model
+    graphed = experiment.GraphedNetwork(net, record=replaying_record([]))
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
+    with torch.inference_mode():
+        first = graphed(x, t)
+        kept = first.clone()
+        graphed(torch.randn(2, 1, 28, 28), t)  # replays into the same static output
+        assert torch.equal(first, kept) and torch.equal(first, net(x, t))
+
+
+def test_graphed_network_records_per_autocast_setting_and_not_with_gradients(tmp_path):
+    recorded = []
+    graphed = experiment.GraphedNetwork(tiny_diffusion(tmp_path).model, record=replaying_record(recorded))
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
+    graphed(x, t).sum().backward()  # training: the network itself, nothing recorded
+    assert recorded == []
+    with torch.inference_mode():
+        graphed(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert graphed(x, t).dtype == torch.bfloat16
+        graphed(x, t)
+    assert len(recorded) == 2  # float32 and bfloat16: one recording each, the third call replays
+
+
+def test_graphed_network_runs_eagerly_where_recording_fails(tmp_path):
+    attempts = []
+
+    def failing_record(net, inputs):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    net = tiny_diffusion(tmp_path).model
+    graphed = experiment.GraphedNetwork(net, record=failing_record)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
+    with torch.inference_mode():
+        with pytest.warns(UserWarning, match="not permitted when stream is capturing"):
+            out = graphed(x, t)
+        assert torch.equal(out, net(x, t)) and torch.equal(graphed(x, t), out)
+    assert attempts == [1]  # not tried again for the same kind of input
+
+
+def test_graphed_sampling_leaves_the_network_as_it_was(tmp_path):
+    diffusion = tiny_diffusion(tmp_path)
+    net, keys = diffusion.model, list(diffusion.state_dict())
+    with experiment.graphed_sampling(diffusion):  # on a CPU: nothing changes
+        assert diffusion.model is net
+    with pytest.raises(KeyboardInterrupt), experiment.graphed_sampling(diffusion, record=replaying_record([])):
+        assert isinstance(diffusion.model, experiment.GraphedNetwork)
+        raise KeyboardInterrupt
+    assert diffusion.model is net and list(diffusion.state_dict()) == keys
+
+
+def test_experiment_samples_through_graphed_sampling(tmp_path, monkeypatch):
+    recorded = []
+    real = experiment.graphed_sampling
+    monkeypatch.setattr(experiment, "graphed_sampling",
+                        lambda diffusion: real(diffusion, record=replaying_record(recorded)))
+    exp = Experiment(tiny_config(tmp_path, conditional=True, guidance=2.0)).build(4)
+    exp.sample(3, steps=2)
+    assert recorded == [[(6, 1, 28, 28), (6,), (6,)]]  # guided: labelled and unlabelled in one batch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cuda_graphs_sample_as_eager_does_on_a_gpu(tmp_path, precision):
+    diffusion = tiny_diffusion(tmp_path).cuda()
+
+    def draw():
+        with experiment.autocast(torch.device("cuda"), precision):
+            return diffusion.sample(8, sampler="ddim", sampling_steps=10,
+                                    generator=torch.Generator("cuda").manual_seed(0))
+    eager = draw()
+    with experiment.graphed_sampling(diffusion):
+        graphed = draw()
+        assert isinstance(diffusion.model, experiment.GraphedNetwork) and diffusion.model.graphs
+    torch.testing.assert_close(graphed, eager, atol=2e-2 if precision == "bfloat16" else 1e-5, rtol=0)
+
+
 def test_lever_study_gives_each_lever_the_steps_its_step_time_allows(tmp_path, monkeypatch):
     measured = []
 

@@ -591,6 +591,16 @@ class ChannelsLastDownsample(ChannelsLastModule, DDPM.Downsample):
 # Row k of this matrix says which taps of a 3-tap kernel (offsets -1, 0, +1) on the nearest-upsampled
 # grid land on tap k of a 4-tap transposed convolution of stride 2 (see ChannelsLastUpsample).
 _UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+_UPSAMPLE_TAPS_ON = {(_UPSAMPLE_TAPS.device, _UPSAMPLE_TAPS.dtype): _UPSAMPLE_TAPS}
+
+
+def _upsample_taps(weight):
+    """_UPSAMPLE_TAPS in the weight's dtype and on its device, copied there once: a copy from CPU
+    memory to a GPU on every call could not be recorded in a CUDA graph (`graphed_sampling`)."""
+    key = (weight.device, weight.dtype)
+    if key not in _UPSAMPLE_TAPS_ON:
+        _UPSAMPLE_TAPS_ON[key] = _UPSAMPLE_TAPS.to(weight)
+    return _UPSAMPLE_TAPS_ON[key]
 
 
 class ChannelsLastUpsample(ChannelsLastModule, DDPM.Upsample):
@@ -602,7 +612,7 @@ class ChannelsLastUpsample(ChannelsLastModule, DDPM.Upsample):
 
     def channels_last_forward(self, x):
         weight = self.conv.weight
-        taps = _UPSAMPLE_TAPS.to(weight)  # the weight's dtype and device
+        taps = _upsample_taps(weight)
         kernel = (taps @ weight @ taps.T).transpose(0, 1)  # (in, out, 4, 4), as conv_transpose2d wants
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
@@ -640,64 +650,84 @@ def use_channels_last(unet):
 # kernels of one forward pass once and replays them all with one launch. A sampler calls the network
 # 10 to 1,000 times with the same shapes, so `graphed_sampling` records on the first call and
 # replays for the rest. The sampler's own arithmetic between the calls (a few elementwise kernels
-# per step) stays eager. Training records its step through torch.compile instead (Config.compile).
+# per step) stays eager. Training can record its loss's forward and backward through torch.compile
+# (Config.compile); the optimizer, clipping and EMA stay eager there.
 
-# Eager passes before recording: cuDNN and cuBLAS choose kernels and allocate workspaces on their
-# first calls, which must happen outside the recording.
+# Eager passes before recording: on their first calls cuDNN chooses its kernels and cuBLAS sets up
+# its workspaces, which must happen outside the recording.
 CUDA_GRAPH_WARMUP_PASSES = 2
 
 
+class GraphRecordingError(RuntimeError):
+    """Recording a network as a graph failed where running it eagerly works."""
+
+
+def _autocast_state(device_type):
+    """(enabled, dtype) of autocast for a device type, as the caller has set it."""
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
 def record_cuda_graph(net, inputs):
-    """Record net(*inputs) on the GPU as a CUDA graph, under the autocast setting of the caller.
-    Returns (static inputs, static output, replay): after new inputs are copied into the static ones,
-    replay() leaves net's output for them in the static output. Nothing is computed for `inputs`
-    themselves until the first replay."""
+    """Record net(*inputs) on their GPU as a CUDA graph, under the caller's autocast setting. Returns
+    (static inputs, static output, replay): after new inputs are copied into the static ones, replay()
+    leaves net's output for them in the static output (which holds nothing meaningful before the
+    first replay). Errors of the eager warm-up passes propagate as they are; a failure of the
+    recording itself raises GraphRecordingError."""
     static_inputs = [x.clone() for x in inputs]
     device = static_inputs[0].device
-    # Autocast caches the weights it casts until its outermost block exits, and then frees them; a
-    # graph that read cached casts would read freed memory on a later replay, so it records its own.
-    precision = dict(device_type="cuda", enabled=torch.is_autocast_enabled("cuda"),
-                     dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    enabled, dtype = _autocast_state("cuda")
 
     def forward():
-        with torch.autocast(**precision):
+        # PyTorch records under autocast only with its cache of cast weights off: a cast taken from
+        # the cache is memory the graph does not own, never cast again on replay.
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
             return net(*static_inputs)
 
-    warmup_stream = torch.cuda.Stream(device)  # as PyTorch asks: warm up off the default stream
-    warmup_stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(warmup_stream):
-        for _ in range(CUDA_GRAPH_WARMUP_PASSES):
-            forward()
-    torch.cuda.current_stream(device).wait_stream(warmup_stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_output = forward()
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream()
+        warmup_stream = torch.cuda.Stream()  # as PyTorch asks: warm up off the stream that records
+        warmup_stream.wait_stream(stream)
+        with torch.cuda.stream(warmup_stream):
+            for _ in range(CUDA_GRAPH_WARMUP_PASSES):
+                forward()
+        stream.wait_stream(warmup_stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_output = forward()
+        except Exception as e:
+            torch.cuda.set_stream(stream)  # a broken recording can leave its own stream current
+            cause = e.__context__ or e  # ending a broken recording raises over the original error
+            raise GraphRecordingError(_first_line(cause)) from e
     return static_inputs, static_output, graph.replay
 
 
 class GraphedNetwork(nn.Module):
-    """`net` whose calls without gradients replay a recorded graph: one per set of input shapes,
-    dtypes and autocast setting, recorded by `record` (see `record_cuda_graph`) on the first call
-    with them. Each call returns a copy of the output, since the next replay overwrites it. Calls
-    that record gradients run `net` itself. Where recording fails, the inputs of that kind run `net`
-    eagerly from then on, after a warning that names the error."""
+    """`net` whose calls without gradients replay a recorded graph: one per kind of input (shapes,
+    dtypes, devices, autocast setting, inference mode), recorded by `record` (see `record_cuda_graph`)
+    on the first call of that kind. Each call returns a copy of the output, since the next replay
+    overwrites it. Calls that record gradients run `net` itself, and so does every call of a kind
+    whose recording failed (GraphRecordingError), after a warning that names the error."""
 
     def __init__(self, net, record=record_cuda_graph):
         super().__init__()
         self.net, self.record, self.graphs = net, record, {}
 
+    def replays(self):
+        """True when there is at least one recording and every kind of input replays one."""
+        return bool(self.graphs) and None not in self.graphs.values()
+
     def forward(self, *inputs):
         if torch.is_grad_enabled():
             return self.net(*inputs)
-        device_type = inputs[0].device.type
-        kind = (tuple((x.shape, x.dtype, x.device) for x in inputs),
-                torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        kind = (tuple((x.shape, x.dtype, x.device) for x in inputs), _autocast_state(inputs[0].device.type),
+                torch.is_inference_mode_enabled())  # inference tensors take no copies outside that mode
         if kind not in self.graphs:
             try:
                 self.graphs[kind] = self.record(self.net, inputs)
-            except Exception as e:  # an operation that cannot be recorded: this kind of input runs eagerly
-                warnings.warn(f"recording the network as a graph failed ({_first_line(e)}); "
-                              f"it runs eagerly for inputs of shapes {[tuple(x.shape) for x in inputs]}")
+            except GraphRecordingError as e:
+                warnings.warn(f"recording the network as a graph failed ({e}); it runs eagerly for inputs "
+                              f"of shapes {[tuple(x.shape) for x in inputs]}")
                 self.graphs[kind] = None
         if self.graphs[kind] is None:
             return self.net(*inputs)
@@ -710,23 +740,28 @@ class GraphedNetwork(nn.Module):
 
 @contextlib.contextmanager
 def graphed_sampling(diffusion, record=None):
-    """Within the block, `diffusion`'s network is a GraphedNetwork: on a GPU its forward passes are
-    recorded and replayed as CUDA graphs; on other devices nothing changes (unless `record` says how
-    to record there). The graphs live as long as the block, so weights changed in place (by the EMA,
-    or by loading a state_dict) are read at each replay.
+    """Within the block, `diffusion`'s network is a GraphedNetwork, which the block yields: on a GPU
+    its forward passes are recorded and replayed as CUDA graphs; on other devices the network is left
+    as it is and the block yields None, unless `record` (for tests) says how to record there.
+
+    The graphs live as long as the block. A replay reads the weights where they were at the
+    recording: weights updated in place (an optimizer or EMA step, `net.load_state_dict`) are read
+    afresh, weights replaced by new tensors (`Module.to`, `load_state_dict(assign=True)`,
+    `use_channels_last`) are not, so change the network outside the block. Inside it, the diffusion's
+    state_dict names the network's tensors `model.net.*`.
 
         with experiment.graphed_sampling(diffusion):
             images = diffusion.sample(64, sampling_steps=50)
     """
     if record is None:
         if diffusion.device.type != "cuda":
-            yield diffusion
+            yield None
             return
         record = record_cuda_graph
     net = diffusion.model
     diffusion.model = GraphedNetwork(net, record)
     try:
-        yield diffusion
+        yield diffusion.model
     finally:
         diffusion.model = net
 

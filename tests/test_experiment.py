@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -444,7 +445,7 @@ def test_graphed_network_returns_copies_that_the_next_replay_leaves_alone(tmp_pa
         assert torch.equal(first, kept) and torch.equal(first, net(x, t))
 
 
-def test_graphed_network_records_per_autocast_setting_and_not_with_gradients(tmp_path):
+def test_graphed_network_records_per_autocast_setting_and_mode_and_not_with_gradients(tmp_path):
     recorded = []
     graphed = experiment.GraphedNetwork(tiny_diffusion(tmp_path).model, record=replaying_record(recorded))
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
@@ -456,6 +457,9 @@ def test_graphed_network_records_per_autocast_setting_and_not_with_gradients(tmp
             assert graphed(x, t).dtype == torch.bfloat16
         graphed(x, t)
     assert len(recorded) == 2  # float32 and bfloat16: one recording each, the third call replays
+    with torch.no_grad():  # inference mode's static inputs could not take copies here
+        graphed(x, t)
+    assert len(recorded) == 3 and graphed.replays()
 
 
 def test_graphed_network_runs_eagerly_where_recording_fails(tmp_path):
@@ -463,7 +467,7 @@ def test_graphed_network_runs_eagerly_where_recording_fails(tmp_path):
 
     def failing_record(net, inputs):
         attempts.append(1)
-        raise RuntimeError("operation not permitted when stream is capturing")
+        raise experiment.GraphRecordingError("operation not permitted when stream is capturing")
     net = tiny_diffusion(tmp_path).model
     graphed = experiment.GraphedNetwork(net, record=failing_record)
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
@@ -471,16 +475,23 @@ def test_graphed_network_runs_eagerly_where_recording_fails(tmp_path):
         with pytest.warns(UserWarning, match="not permitted when stream is capturing"):
             out = graphed(x, t)
         assert torch.equal(out, net(x, t)) and torch.equal(graphed(x, t), out)
-    assert attempts == [1]  # not tried again for the same kind of input
+    assert attempts == [1] and not graphed.replays()  # not tried again for the same kind of input
+
+
+def test_graphed_network_passes_the_networks_own_errors_on(tmp_path):
+    graphed = experiment.GraphedNetwork(tiny_diffusion(tmp_path).model, record=replaying_record([]))
+    with torch.inference_mode(), pytest.raises(ValueError, match="expected input of shape"):
+        graphed(torch.randn(2, 3, 28, 28), torch.tensor([3, 40]))  # an RGB image for a 1-channel U-Net
+    assert graphed.graphs == {}  # nothing recorded, and no fallback to eager either
 
 
 def test_graphed_sampling_leaves_the_network_as_it_was(tmp_path):
     diffusion = tiny_diffusion(tmp_path)
     net, keys = diffusion.model, list(diffusion.state_dict())
-    with experiment.graphed_sampling(diffusion):  # on a CPU: nothing changes
-        assert diffusion.model is net
-    with pytest.raises(KeyboardInterrupt), experiment.graphed_sampling(diffusion, record=replaying_record([])):
-        assert isinstance(diffusion.model, experiment.GraphedNetwork)
+    with experiment.graphed_sampling(diffusion) as graphed:  # on a CPU: nothing changes
+        assert diffusion.model is net and graphed is None
+    with pytest.raises(KeyboardInterrupt), experiment.graphed_sampling(diffusion, record=replaying_record([])) as graphed:
+        assert diffusion.model is graphed and graphed.net is net
         raise KeyboardInterrupt
     assert diffusion.model is net and list(diffusion.state_dict()) == keys
 
@@ -497,18 +508,25 @@ def test_experiment_samples_through_graphed_sampling(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_cuda_graphs_sample_as_eager_does_on_a_gpu(tmp_path, precision):
-    diffusion = tiny_diffusion(tmp_path).cuda()
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_cuda_graphs_sample_as_eager_does_on_a_gpu(tmp_path, precision, channels_last, guidance):
+    diffusion = tiny_diffusion(tmp_path, conditional=guidance is not None).cuda()
+    if channels_last:
+        experiment.use_channels_last(diffusion.model)
+    labels = None if guidance is None else dict(labels=torch.arange(8, device="cuda") % 10, guidance_scale=guidance)
 
     def draw():
         with experiment.autocast(torch.device("cuda"), precision):
             return diffusion.sample(8, sampler="ddim", sampling_steps=10,
-                                    generator=torch.Generator("cuda").manual_seed(0))
+                                    generator=torch.Generator("cuda").manual_seed(0), **(labels or {}))
     eager = draw()
-    with experiment.graphed_sampling(diffusion):
-        graphed = draw()
-        assert isinstance(diffusion.model, experiment.GraphedNetwork) and diffusion.model.graphs
-    torch.testing.assert_close(graphed, eager, atol=2e-2 if precision == "bfloat16" else 1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recording that failed and fell back to eager fails the test
+        with experiment.graphed_sampling(diffusion) as network:
+            graphed = draw()
+    assert network.replays()
+    torch.testing.assert_close(graphed, eager, atol=2e-2 if precision == "bfloat16" else 1e-4, rtol=0)
 
 
 def test_lever_study_gives_each_lever_the_steps_its_step_time_allows(tmp_path, monkeypatch):

@@ -344,8 +344,8 @@ def channels_last_pays(device):
     """Whether `use_channels_last` makes the U-Net faster on `device`, as measured: on x86 CPUs,
     whose convolutions (oneDNN) read and write channels_last directly. `benchmark.py --channels-last`,
     training steps / sampling forward passes of the experiment defaults at batch 64 against the
-    default layout: two AMD EPYC cores (AVX-512) +5 to +21% / +36 to +50% in bfloat16, +1 to +4% /
-    +14 to +21% in float32 (three runs); the same cores with oneDNN and MKL limited to AVX2, as on an
+    default layout: two AMD EPYC cores (AVX-512) +5 to +21% / +36 to +50% in bfloat16, +1 to +8% /
+    +14 to +21% in float32 (four runs); the same cores with oneDNN and MKL limited to AVX2, as on an
     older laptop, +9% / +19% in float32; two Intel Xeon cores with AMX, training only, +15% in
     float32 and level in bfloat16. GPUs and other CPUs are not measured: there the default layout
     stays."""

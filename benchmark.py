@@ -498,7 +498,10 @@ def build_peer_training(spec, device):
 def worker_train(spec, device):
     batch_u8 = _random_batch(spec["batch"])
     if spec["model"] in OUR_MODELS:
-        exp = build_our_experiment(spec["model"], spec, device)
+        if spec.get("compile"):
+            from torch._dynamo.utils import counters
+            counters.clear()  # inductor counts here each graph it compiles but will not replay as a CUDA graph
+        exp = build_our_experiment(spec["model"], spec, device)  # compiled here (a trial step)
         params = count_params(exp.diffusion.model)
         step = exp.train_step
     else:
@@ -520,6 +523,9 @@ def worker_train(spec, device):
     if spec.get("compile") and warm:
         out["first_step_s"] = warm[0]
         out["compile_time_s_est"] = warm[0] - median  # first step minus a steady-state step
+        # as it happened: torch.compile may have fallen back to eager, and CUDA graphs may have been skipped
+        out["compiled"] = exp.train_module is not exp.diffusion
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     return out
 
 
@@ -1266,7 +1272,9 @@ def print_training(results, cpu, batch):
     for r in ok:
         if r.get("compile"):
             print(f"torch.compile: first step {r['first_step_s']:.1f} s "
-                  f"(compile time ~{r['compile_time_s_est']:.1f} s)")
+                  f"(compile time ~{r['compile_time_s_est']:.1f} s)"
+                  + ("" if r["compiled"] else "; it FELL BACK to eager (see the worker's output)")
+                  + (f"; CUDA graphs skipped {r['cudagraph_skips']} times" if r["cudagraph_skips"] else ""))
     ratios, ratios_cpu = results["training_ratios"], results.get("training_ratios_by_cpu_time", {})
     print("\nthroughput ratios (ours / theirs, img/s)" + ("   [by CPU time]" if ratios_cpu else "") + ":")
     for k, v in ratios.items():

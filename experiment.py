@@ -774,17 +774,16 @@ def graphed_sampling(diffusion, record=None):
 def count_training_flops(loss_fn, n_images):
     """(forward, backward) FLOPs per image of one training step, counted by FlopCounterMode.
 
-    `loss_fn()` runs the forward pass and returns the loss; the global RNG is left untouched, so a
-    run that counts its FLOPs draws the same noise as one that does not. FlopCounterMode counts
+    `loss_fn()` runs the forward pass and returns the loss (drawing from the global RNG, as a
+    training step does: `Experiment._measure_flops_per_image` keeps the run's streams). FlopCounterMode counts
     matrix multiplications, convolutions and attention only (not normalisation, activations or
     the optimizer), and the count does not depend on the precision.
     """
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.random.fork_rng(devices=[]):
-        with FlopCounterMode(display=False) as fwd:
-            loss = loss_fn()
-        with FlopCounterMode(display=False) as bwd:
-            loss.backward()
+    with FlopCounterMode(display=False) as fwd:
+        loss = loss_fn()
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
     return fwd.get_total_flops() / n_images, bwd.get_total_flops() / n_images
 
 
@@ -952,8 +951,7 @@ class Experiment:
         cfg = self.cfg
         started = time.perf_counter()
         self.build(warmup + timed)
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with self._rng_kept():
             batches = self.batches(images, self._labels)
             self.timed_steps(batches, warmup)
             step_s = self.timed_steps(batches, timed) / timed
@@ -1010,6 +1008,10 @@ class Experiment:
         state = read_weights(path, self.diffusion, may_lack=new)
         self.diffusion.load_state_dict(state, strict=False)
 
+    def _rng_kept(self):
+        """A block after which the run's random streams, the CPU's and its GPU's, are as they were before."""
+        return torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else [])
+
     def _compiled(self):
         """torch.compile'd diffusion, or the eager one where compiling fails (no C++ compiler, say).
         On a GPU in "reduce-overhead" mode: the step's kernels are captured as CUDA graphs and
@@ -1017,7 +1019,7 @@ class Experiment:
         kernels (the step is launch-bound at these model sizes). On a CPU that mode is the default one."""
         compiled = torch.compile(self.diffusion, mode="reduce-overhead" if self.device.type == "cuda" else "default")
         try:  # compilation is lazy: try it on a tiny batch, without touching the run's RNG
-            with torch.random.fork_rng(devices=[]), autocast(self.device, self.precision):
+            with self._rng_kept(), autocast(self.device, self.precision):
                 compiled(torch.rand(2, self.diffusion.channels, *self.diffusion.image_size, device=self.device)).backward()
             return compiled
         except Exception as e:
@@ -1111,7 +1113,8 @@ class Experiment:
         def loss():
             with autocast(self.device, self.precision):
                 return self.diffusion(self.centre_crop(x[:2].float() / 255))
-        forward, backward = count_training_flops(loss, 2)
+        with self._rng_kept():  # a run that counts its FLOPs draws the same noise as one that does not
+            forward, backward = count_training_flops(loss, 2)
         self.diffusion.zero_grad(set_to_none=True)
         return forward + backward
 

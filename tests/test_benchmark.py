@@ -107,6 +107,15 @@ def test_every_worker_kind_of_the_plan_runs_on_its_spec():
                     assert len(v["ddim_runs_s"]) == 3 and v["ddim_s"] == statistics.median(v["ddim_runs_s"])
 
 
+def test_a_compiled_training_row_says_that_compiling_fell_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: broken)
+    spec, = [s for s in plan_of("--compile", "--batch", "2")["training"] if s.get("compile")]
+    row = benchmark.worker_train(dict(spec, steps=1, warmup=1), torch.device("cpu"))
+    assert row["compiled"] is False and row["cudagraph_skips"] == 0  # as it ran, not as asked
+
+
 def test_plan_gives_every_peer_its_matched_config():
     full = plan_of()
     for s in full["training"] + full["sampling"]:

@@ -398,6 +398,49 @@ def test_compile_captures_cuda_graphs_on_a_gpu_only(tmp_path, monkeypatch, devic
     assert asked == [mode]
 
 
+def test_compile_that_fails_leaves_the_run_eager(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: broken)
+    exp = Experiment(tiny_config(tmp_path, compile=True)).build(4)
+    assert exp.train_module is exp.diffusion
+    assert "torch.compile is not available here (RuntimeError: no C++ compiler): running eagerly" in capsys.readouterr().out
+
+
+def first_training_losses(tmp_path, steps=3, **changes):
+    """The losses of the first `steps` steps of the tiny config's run (seeded by its build) on one
+    batch, and the Experiment."""
+    exp = Experiment(tiny_config(tmp_path, **changes)).build(steps)
+    batch = torch.randint(0, 256, (exp.cfg.batch_size, 1, 28, 28), dtype=torch.uint8)
+    return [exp.train_step(batch).item() for _ in range(steps)], exp
+
+
+def test_counting_flops_draws_nothing_from_the_runs_random_stream(tmp_path):
+    exp = Experiment(tiny_config(tmp_path)).build(4)
+    before = torch.get_rng_state()
+    assert exp._measure_flops_per_image(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)) > 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+GPU_PRECISIONS = [pytest.param("cuda", p, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+                  for p in ("float32", "bfloat16")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device, precision", [("cpu", "float32"), *GPU_PRECISIONS])
+def test_compiled_training_follows_eager_training(tmp_path, device, precision):
+    """torch.compile'd steps (on a GPU: CUDA graphs, "reduce-overhead") give the eager steps' losses,
+    from the same seed: the compiler's trial step draws nothing from the run's random streams."""
+    from torch._dynamo.utils import counters
+    eager, _ = first_training_losses(tmp_path / "eager", device=device, precision=precision)
+    counters.clear()
+    compiled, exp = first_training_losses(tmp_path / "compiled", device=device, precision=precision, compile=True)
+    assert exp.train_module is not exp.diffusion  # compiled, not the eager fallback
+    assert counters["inductor"]["cudagraph_skips"] == 0  # on a GPU: every step replayed its graphs
+    tolerance = 2e-2 if precision == "bfloat16" else 1e-4
+    assert compiled == pytest.approx(eager, rel=tolerance, abs=tolerance)
+
+
 def test_autocast_rejects_a_precision_it_does_not_know():
     with pytest.raises(ValueError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'bf16'"):
         experiment.autocast(torch.device("cpu"), "bf16")  # once ran silently in float32

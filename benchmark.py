@@ -693,7 +693,61 @@ def op_category(name):
     return "other (views, autograd bookkeeping, ...)"
 
 
-WORKERS = {"train": worker_train, "paired": worker_paired, "sample": worker_sample, "profile": worker_profile}
+# How long the copies of `worker_concurrent` train together, in seconds of wall time (--quick: less),
+# and how long a copy waits for the others to finish warming up (compiling, where asked) before it gives up.
+CONCURRENT_WINDOW_S = dict(full=15.0, quick=2.0)
+CONCURRENT_BARRIER_TIMEOUT_S = 600
+
+
+def worker_concurrent(spec, device):
+    """spec["processes"] copies of our training step at once, each in its own process (as
+    `ExperimentManager.run(parallel=...)` trains runs), timed over one shared window of wall time that
+    opens once every copy has warmed up: their total throughput. On a GPU the processes time-slice
+    the card; eager steps, launch-bound, leave it idle enough that several processes together went
+    faster than one. Each copy builds the step that `experiment.py train` builds (with --compile,
+    compiled, on a GPU as CUDA graphs), with its share of the threads as ExperimentManager gives it."""
+    # as ExperimentManager shares out the threads (unless --threads sets each copy's)
+    threads = spec["threads"] or experiment.threads_per_process(spec["processes"])
+    with tempfile.TemporaryDirectory() as barrier:
+        procs = [start_worker(dict(spec, kind="train_window", threads=threads, barrier=barrier, rank=rank,
+                                   parent=os.getpid()))
+                 for rank in range(spec["processes"])]
+        copies = [worker_result(proc, CONCURRENT_BARRIER_TIMEOUT_S + 300) for proc in procs]
+    failed = [c for c in copies if "error" in c]
+    if failed:
+        return failed[0]
+    return dict(processes=spec["processes"], threads_each=threads, img_per_s=sum(c["img_per_s"] for c in copies),
+                copies=copies)
+
+
+def worker_train_window(spec, device):
+    """One copy of `worker_concurrent`: warm up, wait for the other copies, then train for the window."""
+    exp = build_our_experiment("ours", spec, device)
+    batch_u8 = _random_batch(spec["batch"])
+    for _ in range(spec["warmup"]):
+        exp.train_step(batch_u8)
+    sync(device)
+    barrier = Path(spec["barrier"])
+    (barrier / f"{spec['rank']}.ready").touch()
+    deadline = time.monotonic() + CONCURRENT_BARRIER_TIMEOUT_S
+    while len(list(barrier.glob("*.ready"))) < spec["processes"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the other copies were not ready after {CONCURRENT_BARRIER_TIMEOUT_S} s")
+        if os.getppid() != spec["parent"]:  # the measurement was given up (--worker-timeout): no orphans
+            raise RuntimeError("the process that started this copy has ended")
+        time.sleep(0.01)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < spec["window_s"]:
+        exp.train_step(batch_u8)  # on a GPU, queued: the sync below waits for every step counted
+        steps += 1
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return dict(steps=steps, elapsed_s=elapsed, img_per_s=steps * spec["batch"] / elapsed,
+                compiled=exp.train_module is not exp.diffusion)
+
+
+WORKERS = {"train": worker_train, "paired": worker_paired, "sample": worker_sample, "profile": worker_profile,
+           "concurrent": worker_concurrent, "train_window": worker_train_window}
 
 
 def worker_main(spec_json):
@@ -708,30 +762,58 @@ def worker_main(spec_json):
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def start_worker(spec):
+    """A fresh Python process that runs one measurement (`worker_main`); see `worker_result`. Its
+    output goes to files, not pipes: a worker that fills a pipe nobody reads yet would stall, and
+    `worker_concurrent` reads its copies one after the other."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=str(REPO_DIR), stdout=stdout, stderr=stderr, text=True)
+    proc.output_files = stdout, stderr
+    return proc
+
+
+def _read_and_close(file):
+    with file:
+        file.seek(0)
+        return file.read()
+
+
+def worker_result(proc, timeout):
+    """The result dict of a started worker, or {'error': ...}; a worker still running after `timeout`
+    seconds is killed."""
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        timed_out = True
+    stdout, stderr = (_read_and_close(f) for f in proc.output_files)
+    if timed_out:
+        return dict(error=f"timed out after {timeout} s")
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (stderr or stdout).strip().splitlines()[-15:]
+    return dict(error=f"worker exited with status {proc.returncode}", stderr_tail=tail)
+
+
 def run_worker(spec, timeout=900):
     """Run one measurement in a fresh Python process; returns its result dict or {'error': ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     t0, others = time.perf_counter(), OtherLoad()
-    try:
-        proc = subprocess.run(cmd, cwd=str(REPO_DIR), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout} s")
-    wall = time.perf_counter() - t0
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG):])
-            result["worker_wall_s"] = wall
-            result["other_processes_cpu_share"] = others.share()
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return dict(error=f"worker exited with status {proc.returncode}", stderr_tail=tail)
+    result = worker_result(start_worker(spec), timeout)
+    if "error" not in result:
+        result["worker_wall_s"] = time.perf_counter() - t0
+        result["other_processes_cpu_share"] = others.share()
+    return result
 
 
 # ================================================================================================
 # Measurements in the main process
 # ================================================================================================
 
-def matmul_ceiling(device, dtypes, n=2048, reps=10, warmup=3):
+def matmul_ceiling(device, dtypes, n, reps=10, warmup=3):
     """Achieved FLOP/s of torch.mm on n x n matrices: the practical matrix-multiply ceiling."""
     out = {}
     for name in dtypes:
@@ -817,6 +899,9 @@ def build_parser():
     p.add_argument("--no-paired", action="store_true",
                    help="skip the interleaved ours-vs-peers comparison (robust on a busy machine)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of our step")
+    p.add_argument("--concurrent", type=int, default=0, metavar="K",
+                   help="also train K copies of our step at once, each in its own process (as parallel runs "
+                        "train), against one alone: their total images/s over the same window (default 0: skip)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every measurement (default 0: torch's own default)")
     p.add_argument("--worker-timeout", type=int, default=900,
@@ -847,6 +932,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.concurrent == 1 or args.concurrent < 0:
+        p.error(f"--concurrent must be 0 (skip) or a number of processes >= 2, got {args.concurrent}")
     if args.quick:
         args.steps, args.warmup, args.ddim_steps, args.ddim_reps = 2, 1, 3, 1
         args.forward_reps, args.paired_rounds = 2, 2
@@ -953,7 +1040,14 @@ def match_models():
     return models, peer_configs
 
 
-def measure_ceiling(device, precisions, quick, n=2048):
+# The matrix size of the ceiling's torch.mm per device type: 2048 saturates two CPU cores; a
+# datacentre GPU needs larger products to reach its rate (an H200 gave about 790 TFLOP/s in bfloat16
+# at 8192, in this workplace's own measurement), and a share of a ceiling measured too small would flatter us.
+MATMUL_CEILING_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+def measure_ceiling(device, precisions, quick):
+    n = MATMUL_CEILING_SIZE[device.type]
     ceiling = matmul_ceiling(device, precisions, n=n, reps=3 if quick else 10)
     print("\nmatmul ceiling (torch.mm %dx%d, median): %s" % (n, n, ", ".join(
         f"{k} {v['tflop_per_s'] * 1e3:.0f} GFLOP/s" for k, v in ceiling.items())))
@@ -1039,6 +1133,15 @@ def plan_measurements(args, device, precisions, peer_configs):
                              f"DDIM = median of {args.ddim_reps} run(s) of {args.ddim_steps} steps", sampling))
     if not args.no_profile:
         plan.append(("profile", None, profile))  # no header: its one line follows sampling's
+    if args.concurrent:
+        window = CONCURRENT_WINDOW_S["quick" if args.quick else "full"]
+        spec = dict(base, kind="concurrent", model="ours", precision=precisions[-1],
+                    channels_last=experiment.channels_last_pays(device), compile=args.compile, window_s=window)
+        setting = setting_name(spec["precision"], spec["channels_last"], args.compile)
+        plan.append(("concurrent_training", f"\nconcurrent: our step ({setting}), in 1 process and in "
+                                            f"{args.concurrent} at once, images/s over {window:.0f} s after "
+                                            f"{args.warmup} warm-up steps each",
+                     [(n, f"{n} process{'es' if n > 1 else ''}", dict(spec, processes=n)) for n in (1, args.concurrent)]))
     return plan
 
 
@@ -1073,6 +1176,7 @@ PROGRESS = {
                                            for k, v in r["ours_over"].items()) + f"  ({r['worker_wall_s']:.0f} s)",
     "sampling": lambda r: f"done ({r['worker_wall_s']:.0f} s)",
     "profile": lambda r: "done",
+    "concurrent_training": lambda r: f"{r['img_per_s']:7.1f} img/s together  ({r['worker_wall_s']:.0f} s)",
 }
 
 
@@ -1306,6 +1410,15 @@ def print_sampling(sampling, batch, ddim_steps):
                  "DDIM CPU s"], rows)
 
 
+def print_concurrent(concurrent):
+    """One line: K processes' total throughput against one process alone."""
+    if len(concurrent) != 2 or any("error" in r for r in concurrent.values()):
+        return
+    alone, together = concurrent.values()
+    print(f"\n=== concurrent: {together['processes']} processes together {together['img_per_s']:.1f} img/s, "
+          f"one alone {alone['img_per_s']:.1f} img/s: {together['img_per_s'] / alone['img_per_s']:.2f}x ===")
+
+
 def print_profile(profile):
     if not profile or "error" in profile:
         return
@@ -1391,6 +1504,7 @@ def report(results, device, args):
     print_paired(results["paired_training"])
     print_sampling(results["sampling"], args.batch, args.ddim_steps)
     print_profile(results["profile"])
+    print_concurrent(results["concurrent_training"])
     print_targets(results["targets"], results["meta"])
 
 
@@ -1413,7 +1527,7 @@ def run_benchmark(args):
     models, peer_configs = match_models()
     results = dict(meta=meta, models=models, matmul_ceiling=measure_ceiling(device, precisions, args.quick),
                    flops=count_flops(peer_configs, device, args.batch), training=[], paired_training={},
-                   sampling={}, profile=None)
+                   sampling={}, profile=None, concurrent_training={})
     run_measurements(plan_measurements(args, device, precisions, peer_configs), results, args.out,
                      args.worker_timeout)
     finish_machine_facts(meta, others, t_start, device)

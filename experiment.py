@@ -1772,6 +1772,12 @@ def measure_step_times(configs, rounds=3, steps=10, warmup=3):
     return {name: round(s / (rounds * steps), 4) for name, s in seconds.items()}
 
 
+def threads_per_process(processes):
+    """Torch threads for each of `processes` processes that run at once: an equal share of this
+    process's threads, at least one (see ExperimentManager.run)."""
+    return max(1, torch.get_num_threads() // processes)
+
+
 class ExperimentManager:
     """Run a list of configs, each in its own directory under `root`; skip finished runs, resume the rest.
 
@@ -1794,10 +1800,16 @@ class ExperimentManager:
         """Train every run that has not finished; returns the results table.
 
         parallel > 1 trains that many runs at once, each in its own process (`experiment.py train
-        --config`, output in <run>/train.log), so that they finish together. On a CPU concurrent
-        runs fight over the same cores; on one H100 six processes of the default U-Net trained
-        ~3,100 images/s together against ~2,400 for one alone (about 30% more: the GPU time-slices
-        between processes, and each process's step is launch-bound).
+        --config`, output in <run>/train.log), so that they finish together. Each process gets an
+        equal share of this process's torch threads (at least one): processes whose threads
+        together outnumber the cores wait on each other's spinning threads. On two EPYC cores, the
+        default step in bfloat16 and channels_last trained 343-357 images/s in two processes of
+        one thread together, against 301-321 in one process of two threads (+11 to +17% in three
+        pairs: no handing of work between threads within an operation), and 9-133 images/s in two
+        processes of two threads each (`benchmark.py --concurrent 2`'s measurement). On one H100, in
+        eager mode, six processes of the default U-Net trained ~3,100 images/s together against
+        ~2,400 for one alone (about 30% more: the GPU time-slices between processes, and each
+        process's step is launch-bound).
         """
         if not isinstance(parallel, int) or parallel < 1:
             raise ConfigError(f"parallel={parallel!r} is not allowed: expected an integer >= 1")
@@ -1815,6 +1827,7 @@ class ExperimentManager:
         return self.table()
 
     def _run_in_processes(self, names, parallel):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(parallel))}
         running, failed, queue = {}, [], list(names)
         while queue or running:
             while queue and len(running) < parallel:
@@ -1826,7 +1839,7 @@ class ExperimentManager:
                 log = open(out / "train.log", "a")
                 cmd = [sys.executable, str(REPO_DIR / "experiment.py"), "train", "--config",
                        str(out / "config.json"), "--no-progress"]
-                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
                 print(f"{name}: started (process {running[name][0].pid}, log {out / 'train.log'})", flush=True)
             time.sleep(0.5)
             for name, (proc, log) in list(running.items()):

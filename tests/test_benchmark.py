@@ -12,6 +12,8 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -327,7 +329,7 @@ def test_unavailable_device_is_a_one_line_error(monkeypatch, capsys, tmp_path):
 
 
 TOP_KEYS = ["meta", "models", "matmul_ceiling", "flops", "training", "paired_training", "sampling", "profile",
-            "training_ratios", "targets", "training_ratios_by_cpu_time", "cpu_time_note"]
+            "concurrent_training", "training_ratios", "targets", "training_ratios_by_cpu_time", "cpu_time_note"]
 META_KEYS = ["date", "command", "device", "device_name", "cpu_model", "cpu_flags", "isa_limits", "logical_cpus",
              "cpus_available", "torch_threads", "platform", "python", "torch", "diffusers",
              "denoising_diffusion_pytorch", "bf16_supported", "channels_last_default", "loadavg_1_5_15_at_start",
@@ -355,7 +357,7 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     # One precision, batch 2, one thread: the run's time is mostly its worker processes starting
     # (importing torch and the peers' packages), so each measurement fewer counts.
     cmd = [sys.executable, "benchmark.py", "--quick", "--no-paired", "--no-profile", "--device", "cpu",
-           "--precision", "float32", "--batch", "2", "--threads", "1", "--out", str(out)]
+           "--precision", "float32", "--batch", "2", "--threads", "1", "--concurrent", "2", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in benchmark.ISA_LIMIT_VARIABLES}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                ONEDNN_MAX_CPU_ISA="AVX2")  # recorded in the JSON: the flags then overstate what ran
@@ -398,6 +400,37 @@ def test_quick_benchmark_writes_the_json(tmp_path):
     for name in peers:
         assert f"best ours / best {name} (any setting)" in d["training_ratios"]
         assert f"fp32 ours/{name}" in d["training_ratios"]
+    alone, together = d["concurrent_training"].values()  # --concurrent 2: one process, then two at once
+    assert (alone["processes"], together["processes"]) == (1, 2) and len(together["copies"]) == 2
+    assert together["img_per_s"] == pytest.approx(sum(c["img_per_s"] for c in together["copies"]))
+    assert all(c["elapsed_s"] >= benchmark.CONCURRENT_WINDOW_S["quick"] for c in together["copies"])
+    assert "=== concurrent: 2 processes together" in proc.stdout
+
+
+def window_copy_spec(barrier, **changes):
+    """The spec of copy 0 of two in `worker_concurrent`, started by this process's parent."""
+    return {**dict(device="cpu", batch=2, precision="float32", channels_last=False, warmup=1, window_s=0.2,
+                   processes=2, barrier=str(barrier), rank=0, parent=os.getppid()), **changes}
+
+
+def test_a_copy_of_the_concurrent_step_waits_for_the_others_before_its_window(tmp_path):
+    spec = window_copy_spec(tmp_path)
+    result = {}
+    copy = threading.Thread(target=lambda: result.update(benchmark.worker_train_window(spec, torch.device("cpu"))))
+    copy.start()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "0.ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert copy.is_alive() and not result  # warmed up, and waiting for the other copy
+    (tmp_path / "1.ready").touch()  # the other copy is ready: the window opens
+    copy.join(60)
+    assert result["steps"] >= 1 and result["elapsed_s"] >= 0.2
+
+
+def test_a_copy_of_the_concurrent_step_stops_waiting_when_its_starter_has_ended(tmp_path):
+    with pytest.raises(RuntimeError, match="the process that started this copy has ended"):
+        benchmark.worker_train_window(window_copy_spec(tmp_path, parent=-1), torch.device("cpu"))
 
 
 # ---- the README's speed tables are the stored runs' ----

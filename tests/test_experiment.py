@@ -313,6 +313,25 @@ def test_experiment_manager_trains_runs_in_parallel_processes(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
 
 
+@pytest.mark.parametrize("parallel, threads_each", [(2, "2"), (3, "1"), (8, "1")])
+def test_parallel_runs_share_out_the_threads(tmp_path, monkeypatch, parallel, threads_each):
+    started = []
+
+    class FinishedProcess:
+        pid, returncode = 1, 0
+
+        def __init__(self, cmd, env, **kwargs):
+            started.append(env["OMP_NUM_THREADS"])
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(experiment.subprocess, "Popen", FinishedProcess)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    configs = [tiny_config("x", seed=seed) for seed in range(3)]
+    ExperimentManager(configs, tmp_path / "study").run(progress=False, parallel=parallel)
+    assert started == [threads_each] * 3  # 4 threads here: none of the runs' threads wait on another's
+
+
 def test_lever_study_changes_one_lever_per_run_from_a_pinned_base(tmp_path):
     equal_speed = dict.fromkeys(experiment.LEVERS, 0.5)
     manager = experiment.lever_study(tmp_path, minutes=5.0, seeds=(0, 1), step_times=equal_speed)

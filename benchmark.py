@@ -712,6 +712,7 @@ def worker_concurrent(spec, device):
         procs = [start_worker(dict(spec, kind="train_window", threads=threads, barrier=barrier, rank=rank,
                                    parent=os.getpid()))
                  for rank in range(spec["processes"])]
+        # each copy: its warm-up (a compile, where asked) within the barrier's wait, then the window
         copies = [worker_result(proc, CONCURRENT_BARRIER_TIMEOUT_S + 300) for proc in procs]
     failed = [c for c in copies if "error" in c]
     if failed:
@@ -1043,11 +1044,12 @@ def match_models():
 # The matrix size of the ceiling's torch.mm per device type: 2048 saturates two CPU cores; a
 # datacentre GPU needs larger products to reach its rate (an H200 gave about 790 TFLOP/s in bfloat16
 # at 8192, in this workplace's own measurement), and a share of a ceiling measured too small would flatter us.
+# (Apple's MPS, unmeasured here, takes the CPU's size.)
 MATMUL_CEILING_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 def measure_ceiling(device, precisions, quick):
-    n = MATMUL_CEILING_SIZE[device.type]
+    n = MATMUL_CEILING_SIZE.get(device.type, MATMUL_CEILING_SIZE["cpu"])
     ceiling = matmul_ceiling(device, precisions, n=n, reps=3 if quick else 10)
     print("\nmatmul ceiling (torch.mm %dx%d, median): %s" % (n, n, ", ".join(
         f"{k} {v['tflop_per_s'] * 1e3:.0f} GFLOP/s" for k, v in ceiling.items())))

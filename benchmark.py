@@ -431,7 +431,10 @@ def _random_batch(batch):
 
 def build_our_experiment(model, spec, device):
     """experiment.Experiment at `model`'s config (one of OUR_MODELS) with spec's batch, precision and
-    layout, built exactly as `experiment.py train` builds it."""
+    layout, built exactly as `experiment.py train` builds it (with compile: compiled here, by a trial step)."""
+    if spec.get("compile"):
+        from torch._dynamo.utils import counters
+        counters.clear()  # inductor counts each graph it compiles but will not replay as a CUDA graph
     cfg = our_config(model).replace(
         device=device.type, batch_size=spec["batch"], precision=spec["precision"],
         channels_last="on" if spec.get("channels_last") else "off", compile=spec.get("compile", False),
@@ -498,10 +501,7 @@ def build_peer_training(spec, device):
 def worker_train(spec, device):
     batch_u8 = _random_batch(spec["batch"])
     if spec["model"] in OUR_MODELS:
-        if spec.get("compile"):
-            from torch._dynamo.utils import counters
-            counters.clear()  # inductor counts here each graph it compiles but will not replay as a CUDA graph
-        exp = build_our_experiment(spec["model"], spec, device)  # compiled here (a trial step)
+        exp = build_our_experiment(spec["model"], spec, device)
         params = count_params(exp.diffusion.model)
         step = exp.train_step
     else:
@@ -523,10 +523,16 @@ def worker_train(spec, device):
     if spec.get("compile") and warm:
         out["first_step_s"] = warm[0]
         out["compile_time_s_est"] = warm[0] - median  # first step minus a steady-state step
-        # as it happened: torch.compile may have fallen back to eager, and CUDA graphs may have been skipped
-        out["compiled"] = exp.train_module is not exp.diffusion
-        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        out.update(compile_outcome(exp))
     return out
+
+
+def compile_outcome(exp):
+    """As it happened, for a step built with compile: whether it runs compiled (torch.compile may have
+    fallen back to eager) and how many graphs inductor did not replay as CUDA graphs (counted since
+    `build_our_experiment` cleared the count, before compiling)."""
+    from torch._dynamo.utils import counters
+    return dict(compiled=exp.train_module is not exp.diffusion, cudagraph_skips=counters["inductor"]["cudagraph_skips"])
 
 
 def worker_paired(spec, device):
@@ -744,7 +750,7 @@ def worker_train_window(spec, device):
     sync(device)
     elapsed = time.perf_counter() - t0
     return dict(steps=steps, elapsed_s=elapsed, img_per_s=steps * spec["batch"] / elapsed,
-                compiled=exp.train_module is not exp.diffusion)
+                **(compile_outcome(exp) if spec.get("compile") else {}))
 
 
 WORKERS = {"train": worker_train, "paired": worker_paired, "sample": worker_sample, "profile": worker_profile,

@@ -2109,8 +2109,17 @@ def _parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+# Help beyond a flag's default, for the fields whose default does not tell the whole story.
+RUN_LENGTH_HELP = ("; whichever of --steps, --epochs and --minutes is given sets the run's length "
+                   f"(none: --minutes {MAIN_JOB_MINUTES:g})")
+FLAG_NOTES = {"dataset": " or folder:PATH (a folder of images)", "steps": RUN_LENGTH_HELP,
+              "epochs": RUN_LENGTH_HELP, "minutes": RUN_LENGTH_HELP}
+
+
 def _add_config_flags(p):
+    """One flag per Config field, its help showing the default of `train` without --config."""
     p.add_argument("--config", help="a config.json to start from (flags override its values)")
+    base = train_base_config()
     for f in dataclasses.fields(Config):
         kind = {int: int, float: float, bool: _parse_bool, str: str}.get(f.type)
         if f.name == "dim_mults":
@@ -2121,9 +2130,9 @@ def _add_config_flags(p):
         optional = f.name in Config.OPTIONAL
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_or_off(kind) if optional else kind,
                        metavar=f.type.__name__.upper() + ("|off" if optional else ""),
-                       help=f"default: {f.default!r}" + (f"; one of {Config.CHOICES[f.name]}"
-                                                         if f.name in Config.CHOICES else "")
-                            + ("; off: none" if optional else ""))
+                       help=f"default: {getattr(base, f.name)!r}" + (f"; one of {Config.CHOICES[f.name]}"
+                                                                     if f.name in Config.CHOICES else "")
+                            + FLAG_NOTES.get(f.name, "") + ("; off: none" if optional else ""))
 
 
 OFF = object()  # a flag's value "off": the field is set to None (off), not left at the base config's value

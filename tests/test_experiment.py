@@ -768,6 +768,16 @@ def test_cli_help_documents_the_commands():
         assert command in result.stdout
 
 
+
+def test_train_help_shows_the_defaults_that_train_runs_with(capsys):
+    with pytest.raises(SystemExit):
+        experiment.build_parser().parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    base = experiment.train_base_config()
+    assert f"--minutes FLOAT|off default: {base.minutes!r}" in help_text  # not Config's None: train runs 15 minutes
+    assert "or folder:PATH" in help_text
+    assert f"--guidance FLOAT default: {base.guidance!r}" in help_text
+
 @pytest.mark.slow
 @pytest.mark.needs_data
 def test_cli_samples_from_a_run(tmp_path):

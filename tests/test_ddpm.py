@@ -75,6 +75,13 @@ def test_sigmoid_schedule_is_symmetric_about_its_midpoint():
     assert torch.allclose(betas + betas.flip(0), torch.full_like(betas, 0.011), atol=1e-12)
 
 
+def test_sigmoid_schedule_is_flat_at_both_ends_and_steepest_in_the_middle():
+    """What sets it apart from a straight line (which is symmetric too): its steps grow from almost
+    nothing to the middle and shrink again (the sigmoid's slope at -6 is 1% of its slope at 0)."""
+    steps = sigmoid_beta_schedule(101).diff()
+    assert steps[0] < 0.02 * steps[50] and steps[-1] < 0.02 * steps[49]
+
+
 def test_cosine_schedule_alpha_bar_follows_closed_form():
     T, s = 1000, 0.008
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -294,6 +301,20 @@ def test_attention_is_permutation_equivariant_over_pixels():
     torch.testing.assert_close(attn(x[..., perm]), attn(x)[..., perm], atol=1e-5, rtol=1e-5)
 
 
+def test_attention_is_the_softmax_of_scaled_query_key_products_applied_to_the_values():
+    """softmax(q k^T / sqrt(d)) v per head, written out from to_qkv's weights in float64."""
+    torch.manual_seed(0)
+    heads, d, c = 2, 4, 8
+    attn = DDPM.Attention(c, heads=heads, dim_head=d).double()
+    x = torch.randn(2, c, 3, 5, dtype=torch.float64)
+    pixels = attn.norm(x).flatten(2)  # (b, c, n)
+    w_q, w_k, w_v = attn.to_qkv.weight.view(3, heads, d, c)
+    q, k, v = (torch.einsum("hdc,bcn->bhnd", w, pixels) for w in (w_q, w_k, w_v))
+    attended = torch.softmax(q @ k.mT / math.sqrt(d), dim=-1) @ v  # (b, heads, n, d)
+    hidden = attended.permute(0, 1, 3, 2).reshape(2, heads * d, 3, 5)  # channel = head * d + feature
+    torch.testing.assert_close(attn(x), x + attn.to_out(hidden))
+
+
 # ---------------------------------------------------------------- argument checks
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -401,6 +422,8 @@ def to_model_space(images):
     return images.double() * 2 - 1
 
 
+# With s = 0 every x0 prediction is the point itself whatever x_t is, so the single-point tests check
+# the last step and float32 precision, not the path to it: the output-law tests check the path.
 def test_ddpm_sampler_recovers_a_single_point_exactly():
     d = oracle_diffusion(mu=0.3, s=0.0)
     out = to_model_space(d.sample(4, progress=False))
@@ -428,12 +451,13 @@ def test_ddpm_sampler_output_law_on_gaussian_data(variance, noise_scale):
     assert_samples_follow(samples, m, v)
 
 
-def test_ddpm_with_posterior_variance_reproduces_the_data_law():
+def test_ddpm_with_posterior_variance_reproduces_the_data_law_in_closed_form():
+    """The reference law itself (exact_sampler_law; the sampler is held to it by the output-law tests)."""
     m, v = exact_sampler_law(cosine_beta_schedule(1000), 0.1, 0.2, ddpm_pairs(1000))
     assert m == pytest.approx(0.1, abs=1e-3) and math.sqrt(v) == pytest.approx(0.2, rel=0.02)
 
 
-def test_too_little_reverse_variance_collapses_and_too_much_inflates():
+def test_too_little_reverse_variance_collapses_and_too_much_inflates_in_closed_form():
     """The README's observation, in closed form: noise_scale < 1 shrinks the spread, > 1 inflates it."""
     stds = [math.sqrt(exact_sampler_law(cosine_beta_schedule(1000), 0.0, 0.2, ddpm_pairs(1000),
                                         noise_scale=k)[1]) for k in (0.0, 0.5, 1.0, 1.5)]
@@ -452,7 +476,8 @@ def test_ddim_sampler_output_law_on_gaussian_data(steps, eta):
     assert m == pytest.approx(mu, abs=1e-3) and math.sqrt(v) <= s
 
 
-def test_deterministic_ddim_with_fine_steps_reproduces_the_data_law():
+def test_deterministic_ddim_with_fine_steps_reproduces_the_data_law_in_closed_form():
+    """The reference law itself (exact_sampler_law; the sampler is held to it by the output-law tests)."""
     T = 1000
     pairs = [(t, t - 1) for t in reversed(range(T))]
     m, v = exact_sampler_law(cosine_beta_schedule(T), -0.2, 0.3, pairs, eta=0.0)
@@ -477,6 +502,25 @@ def test_ddim_timesteps_are_evenly_spaced_and_end_at_x0():
     assert pairs[-1] == (99, -1)
     assert all(t_next == t_after for (_, t_next), (t_after, _) in zip(pairs, pairs[1:]))
     assert [a - b for a, b in zip(starts, starts[1:])] == [100] * 9
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("t,t_next", [(99, 89), (40, 0)])
+def test_ddim_step_is_eq_12_with_its_sigma(eta, t, t_next):
+    """One step against DDIM eq. 12 in float64 with the same z: x' = sqrt(abar') x0_hat +
+    sqrt(1 - abar' - sigma^2) eps_hat + sigma z, sigma = eta sqrt((1 - abar')/(1 - abar) (1 - abar/abar'))
+    (eq. 16). The output laws above hardly depend on eta at many steps; this pins it per step."""
+    T = 100
+    d = make_diffusion(T=T, schedule="cosine")
+    ab = alpha_bar(cosine_beta_schedule(T))
+    torch.manual_seed(0)
+    x, eps, x0 = (torch.randn(2, 1, 4, 4) for _ in range(3))
+    out = d._ddim_step(x, t, t_next, eps, x0, eta, torch.Generator().manual_seed(7))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).double()
+    a, a_next = ab[t].item(), ab[t_next].item()
+    sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+    expected = math.sqrt(a_next) * x0.double() + math.sqrt(1 - a_next - sigma**2) * eps.double() + sigma * z
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)  # float32 buffers
 
 
 def sample_from(diffusion, x_T, seed, **kwargs):
@@ -627,7 +671,7 @@ def test_dpm_solver_output_law_on_gaussian_data(sampler, steps, spacing):
 
 
 @pytest.mark.parametrize("stochastic", [False, True], ids=["dpm++2m", "dpm++2m-sde"])
-def test_dpm_solver_approaches_the_data_law_as_steps_grow(stochastic):
+def test_dpm_solver_approaches_the_data_law_as_steps_grow_in_closed_form(stochastic):
     """Exact laws, no sampling noise: N(mu, s^2) data on the linear schedule of the MNIST model.
     Stated tolerances: the mean within 1e-3 at every step count, the standard deviation within
     0.5% at 100 steps, and closer to s at 100 steps than at 5."""
@@ -648,6 +692,21 @@ def test_dpm_solver_recovers_a_single_point_exactly(sampler, steps, atol):
     d = oracle_diffusion(mu=0.35, s=0.0)
     out = to_model_space(d.sample(4, sampling_steps=steps, sampler=sampler, progress=False))
     torch.testing.assert_close(out, torch.full_like(out, 0.35), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["pred_noise", "pred_x0", "pred_v"])
+def test_clipped_prediction_clamps_x0_and_makes_the_noise_agree_with_it(objective):
+    """model_predictions(clip_x_start=True), what every sampler uses by default: x0_hat clamped to
+    [-1, 1] and eps_hat recomputed from it, eps_hat = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar). The
+    oracle's data is the single point 3, outside the data range."""
+    d = oracle_diffusion(mu=3.0, s=0.0, T=50, objective=objective)
+    x, t = torch.randn(2, 1, 20, 25), torch.tensor([10, 40])
+    _, x0_raw = d.model_predictions(x, t, clip_x_start=False)
+    eps, x0 = d.model_predictions(x, t, clip_x_start=True)
+    torch.testing.assert_close(x0_raw, torch.full_like(x0_raw, 3.0), atol=1e-3, rtol=0)
+    assert torch.equal(x0, torch.ones_like(x0))
+    ab = alpha_bar(cosine_beta_schedule(50))[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(eps.double(), (x.double() - ab.sqrt()) / (1 - ab).sqrt(), atol=1e-4, rtol=1e-4)
 
 
 def convergence_order(method, steps_list, mu=-0.5, s=0.6, T=1000):

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import errno
 import json
+import math
 import os
 import shutil
 import socket
@@ -195,6 +196,17 @@ def test_warm_up_takes_at_most_a_fifth_of_the_run(total_steps, warmup):
     assert [factor(s) for s in (0, warmup - 1)] == [pytest.approx(1 / warmup), 1.0]   # linear up to the full rate
     assert factor(warmup) == pytest.approx(1.0)                                     # then the cosine decay starts
     assert factor(total_steps) == pytest.approx(0.1)                                # and ends at lr / 10
+
+
+def test_learning_rate_decays_along_a_half_cosine_to_a_tenth():
+    """Between the end of the warm-up w and the last step T the factor is 0.1 + 0.45 (1 + cos(pi (s - w) /
+    (T - w))), checked off the midpoint too (where a straight line from 1 to 0.1 would also give 0.55)."""
+    cfg = Config.from_dict({**TINY, "out_dir": "unused", "warmup_steps": 200, "lr_schedule": "cosine"})
+    total, warmup = 1000, 200
+    factor = experiment.lr_lambda(cfg, total)
+    for step in (300, 400, 600, 800, 999):
+        expected = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert factor(step) == pytest.approx(expected, rel=1e-12), step
 
 
 TORN_WRITE_SCRIPT = """
@@ -819,6 +831,21 @@ def test_frechet_distance_of_gaussians_matches_closed_form():
     assert experiment.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_frechet_distance_of_non_commuting_gaussians_matches_the_2x2_closed_form():
+    """Covariances that do not commute, where Tr (S1 S2)^(1/2) is not Tr(S1^(1/2) S2^(1/2)). For 2x2
+    matrices the eigenvalues l1, l2 of S1 S2 are >= 0 and (sqrt l1 + sqrt l2)^2 = l1 + l2 + 2 sqrt(l1 l2),
+    so Tr (S1 S2)^(1/2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2)))."""
+    angle = 0.6
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+    s1 = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    s2 = rotation @ torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64)) @ rotation.T
+    product = s1 @ s2
+    trace_sqrt = math.sqrt(product.trace().item() + 2 * math.sqrt(product.det().item()))
+    mu1, mu2 = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])
+    expected = 1.0 + s1.trace().item() + s2.trace().item() - 2 * trace_sqrt
+    assert experiment.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.slow
 @pytest.mark.needs_data
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
@@ -1107,23 +1134,25 @@ def test_bad_time_budget_exits_2_in_one_line_and_writes_nothing(tmp_path, minute
 
 @pytest.mark.needs_data
 def test_time_budget_fixes_the_steps_from_the_measured_step_time(tmp_path, monkeypatch):
-    """With a clock on which every training step takes 0.5 s, a 0.4-minute (24 s) budget leaves
-    24 - 40 * 0.5 = 4 s after the 20 + 20 measured steps: 8 steps."""
-    clock = [0.0]
+    """On a clock where the 20 warm-up steps take 2 s each (first calls are slow) and every later step
+    0.5 s, a 1-minute budget leaves 60 - 20 * 2 - 20 * 0.5 = 10 s after the measured steps: 20 steps
+    of 0.5 s. Timing the warm-up too would have planned 10 s / 1.25 s = 8."""
+    clock, calls = [0.0], [0]
     original = experiment.Experiment.train_step
 
-    def half_a_second(self, *args):
-        clock[0] += 0.5
+    def slow_then_steady(self, *args):
+        calls[0] += 1
+        clock[0] += 2.0 if calls[0] <= experiment.BUDGET_WARMUP_STEPS else 0.5
         return original(self, *args)
 
     monkeypatch.setattr(experiment.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(experiment.Experiment, "train_step", half_a_second)
-    exp = Experiment(tiny_config(tmp_path / "run", steps=0, minutes=0.4))
+    monkeypatch.setattr(experiment.Experiment, "train_step", slow_then_steady)
+    exp = Experiment(tiny_config(tmp_path / "run", steps=0, minutes=1.0))
     exp.run(progress=False)
     recorded = json.loads((tmp_path / "run" / "budget.json").read_text())
-    measured = experiment.BUDGET_WARMUP_STEPS + experiment.BUDGET_TIMED_STEPS
-    assert recorded["steps"] == exp.total_steps == exp.step == int((24 - measured * 0.5) / 0.5) == 8
-    assert recorded["seconds_per_step"] == 0.5 and recorded["minutes"] == 0.4
+    measuring = experiment.BUDGET_WARMUP_STEPS * 2.0 + experiment.BUDGET_TIMED_STEPS * 0.5
+    assert recorded["steps"] == exp.total_steps == exp.step == int((60 - measuring) / 0.5) == 20
+    assert recorded["seconds_per_step"] == 0.5 and recorded["minutes"] == 1.0
 
 
 @pytest.mark.slow

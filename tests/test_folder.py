@@ -68,15 +68,22 @@ def test_a_greyscale_folder_gives_one_channel_and_a_mixed_one_is_converted_with_
 
 
 def test_the_cache_is_used_for_an_unchanged_folder_and_renewed_for_a_changed_one(tmp_path, monkeypatch):
-    write_images(tmp_path / "pics", 4)
-    dataset = f"folder:{tmp_path / 'pics'}"
-    first = data.load_folder(dataset, 8)[0]
+    paths = write_images(tmp_path / "pics", 4)
+    dataset, cache = f"folder:{tmp_path / 'pics'}", tmp_path / "cache"
+    first = data.load_folder(dataset, 8, cache_root=cache)[0]
     decode = data._decode
     monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("an unchanged folder was decoded again"))
-    assert torch.equal(data.load_folder(dataset, 8)[0], first)
+    assert torch.equal(data.load_folder(dataset, 8, cache_root=cache)[0], first)
     monkeypatch.setattr(data, "_decode", decode)
+    # other settings are other entries, not the cached 8x8 colour images
+    assert data.load_folder(dataset, 16, cache_root=cache)[0].shape == (4, 3, 16, 16)
+    assert data.load_folder(dataset, 16, channels=1, cache_root=cache)[0].shape == (4, 1, 16, 16)
+    # an image rewritten in place under the same name is read again
+    Image.fromarray(np.full((20, 24, 3), 255, dtype=np.uint8), "RGB").save(paths[0])
+    renewed = data.load_folder(dataset, 8, cache_root=cache)[0]
+    assert not torch.equal(renewed, first) and bool((renewed == 255).all(dim=(1, 2, 3)).any())
     write_images(tmp_path / "pics", 1, classes=("cats",), seed=5, suffix=".webp")
-    assert len(data.load_folder(dataset, 8)[0]) == 5
+    assert len(data.load_folder(dataset, 8, cache_root=cache)[0]) == 5
 
 
 def test_unreadable_files_are_skipped_with_a_note(tmp_path, capsys):
@@ -231,4 +238,8 @@ def test_random_crops_are_windows_of_the_larger_prepared_images(tmp_path):
     for image, crop in zip(x, crops):  # each crop is some window of its own image
         windows = image.unfold(1, 16, 1).unfold(2, 16, 1)            # (3, 3, 3, 16, 16)
         assert any(torch.equal(windows[:, i, j], crop) for i in range(3) for j in range(3))
+    # and the window is drawn at random: 64 crops of one image, all from one of its 9 windows by
+    # chance with probability 9^-63
+    same_image = x[:1].expand(64, -1, -1, -1)
+    assert len({crop.numpy().tobytes() for crop in exp._random_crop(same_image, 64, slice(0, None, 1))}) > 1
     assert torch.equal(exp.centre_crop(x), x[..., 1:17, 1:17])

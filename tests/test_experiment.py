@@ -158,9 +158,11 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, conditiona
     write_config(tmp_path / "b.json", tmp_path / "killed", conditional=conditional)
     straight = run_python(["experiment.py", "train", "--config", str(tmp_path / "a.json"), "--no-progress"])
     assert straight.returncode == 0, straight.stderr
-    killed = run_python(["-c", KILL_SCRIPT.format(kill_at=10, config=str(tmp_path / "b.json"))])
+    # killed at step 7: the last checkpoint is step 4, in the middle of an epoch (8 steps of 32 of the
+    # 256 images), so the resumed run must skip the batches the epoch has used and keep its order
+    killed = run_python(["-c", KILL_SCRIPT.format(kill_at=7, config=str(tmp_path / "b.json"))])
     assert killed.returncode == -9
-    assert load_checkpoint(tmp_path / "killed")["step"] == 8  # the last checkpoint before the kill
+    assert load_checkpoint(tmp_path / "killed")["step"] == 4  # the last checkpoint before the kill
     resumed = run_python(["experiment.py", "resume", str(tmp_path / "killed"), "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
@@ -1119,6 +1121,21 @@ def test_fixed_ema_decay_forgets_old_iterates_geometrically():
     assert weight == pytest.approx(0.01 * 0.99 ** 100, rel=1e-4)
 
 
+def test_fixed_ema_decay_warms_up_by_following_the_first_weights_closely():
+    """d = min(decay, (1 + n) / (10 + n)) at the update after n averaged: the weight of the first
+    step after five updates is (2/11)(3/12)(4/13)(5/14), not decay^4."""
+    weight = ema_of([1.0, 0.0, 0.0, 0.0, 0.0], decay=0.999)
+    assert weight == pytest.approx(2 / 11 * 3 / 12 * 4 / 13 * 5 / 14, rel=1e-6)
+
+
+@pytest.mark.parametrize("ema_power", [0.0, 7.0])
+def test_a_run_averages_its_weights_with_the_ema_its_config_names(tmp_path, ema_power):
+    exp = Experiment(tiny_config(tmp_path / "run", ema_power=ema_power, ema_decay=0.999)).build(4)
+    averaged, current = torch.tensor(1.0), torch.tensor(0.0)
+    d = exp.ema.avg_fn(averaged, current, torch.tensor(9)).item()  # the update after nine averaged
+    assert d == pytest.approx((1 - 1 / 10) ** (ema_power + 1) if ema_power else 10 / 19, rel=1e-6)
+
+
 @pytest.mark.parametrize("minutes,message", [
     ("0", "config.minutes=0.0 is not allowed: expected a number of minutes > 0"),
     ("-3", "config.minutes=-3.0 is not allowed"),
@@ -1165,7 +1182,7 @@ def test_time_budget_recorded_in_the_run_keeps_a_killed_run_bit_identical(tmp_pa
         (tmp_path / name / "budget.json").write_text(json.dumps(dict(steps=12, minutes=5.0)))
         write_config(tmp_path / f"{name}.json", tmp_path / name, steps=0, minutes=5.0)
     assert run_python(["experiment.py", "train", "--config", str(tmp_path / "straight.json")]).returncode == 0
-    assert run_python(["-c", KILL_SCRIPT.format(kill_at=10, config=str(tmp_path / "killed.json"))]).returncode == -9
+    assert run_python(["-c", KILL_SCRIPT.format(kill_at=7, config=str(tmp_path / "killed.json"))]).returncode == -9
     resumed = run_python(["experiment.py", "resume", str(tmp_path / "killed"), "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     x, y = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "killed")

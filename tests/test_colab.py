@@ -45,7 +45,9 @@ def test_every_notebook_has_the_same_setup_cell():
 def run_setup_cell(workdir, force_colab, then=""):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYGROUND_")}
     if force_colab:
-        env.update(PLAYGROUND_FORCE_COLAB="1", PLAYGROUND_REPOSITORY=REPO.as_uri(), PIP_NO_INDEX="1")
+        # pip without an index (everything is installed already) and with a log: that it ran, and on what
+        env.update(PLAYGROUND_FORCE_COLAB="1", PLAYGROUND_REPOSITORY=REPO.as_uri(), PIP_NO_INDEX="1",
+                   PIP_LOG=str(Path(workdir) / "pip.log"))
     return subprocess.run([sys.executable, "-c", setup_cell("DDPM.ipynb") + "\n" + then], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -61,6 +63,7 @@ def test_setup_cell_on_colab_clones_the_repository_installs_its_requirements_and
         assert (clone / needed).exists(), needed
     assert f"imported {clone / 'experiment.py'}" in done.stdout
     assert f"Colab: the repository's code and data/ are in {clone}" in done.stdout
+    assert "requirements.txt" in (tmp_path / "pip.log").read_text()  # pip ran on the clone's requirements
     again = run_setup_cell(clone, force_colab=True)   # run a second time: it stays where it is
     assert again.returncode == 0 and not (clone / "diffusion-playground").exists()
 

@@ -326,6 +326,21 @@ def test_withhold_judgement(quick, busy, reason):
         assert v.get("not_judged_because") == reason
 
 
+def test_matmul_ceiling_counts_the_flops_of_each_product_as_torch_counts_them(monkeypatch):
+    """2 n^3 FLOPs per n x n product (FlopCounterMode's count), over the median of the timed calls,
+    on a clock where each call takes 2 s of wall time and 4 s of CPU time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n = 4
+    with FlopCounterMode(display=False) as counter:
+        torch.mm(torch.randn(n, n), torch.randn(n, n))
+    monkeypatch.setattr(benchmark, "repeat_timed",
+                        lambda fn, device, warmup, reps: ([1.0] * warmup, [2.0] * reps, [4.0] * reps))
+    ceiling = benchmark.matmul_ceiling(torch.device("cpu"), ["bfloat16"], n, reps=3)["bfloat16"]
+    assert ceiling["flop"] == counter.get_total_flops() == 2 * n**3
+    assert ceiling["tflop_per_s"] * 1e12 == pytest.approx(2 * n**3 / 2.0)
+    assert ceiling["tflop_per_cpu_s"] * 1e12 == pytest.approx(2 * n**3 / 4.0)
+
+
 def test_training_row_flop_rates():
     spec = dict(label="ours", model="ours", precision="float32", channels_last=False, optimizer="AdamW fused",
                 extras="clip+sched+EMA (train_step)")

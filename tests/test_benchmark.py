@@ -452,9 +452,17 @@ def window_copy_spec(barrier, **changes):
                    processes=2, barrier=str(barrier), rank=0, parent=os.getppid()), **changes}
 
 
-def test_a_copy_of_the_concurrent_step_waits_for_the_others_before_its_window(tmp_path):
+def test_a_copy_of_the_concurrent_step_waits_for_the_others_before_its_window(tmp_path, monkeypatch):
     spec = window_copy_spec(tmp_path)
-    result = {}
+    result, steps_begun = {}, []
+    build = benchmark.build_our_experiment
+
+    def counting_steps(*args):  # each training step the copy begins, counted as it begins
+        exp = build(*args)
+        step = exp.train_step
+        exp.train_step = lambda *a: (steps_begun.append(1), step(*a))[1]
+        return exp
+    monkeypatch.setattr(benchmark, "build_our_experiment", counting_steps)
     copy = threading.Thread(target=lambda: result.update(benchmark.worker_train_window(spec, torch.device("cpu"))))
     copy.start()
     deadline = time.monotonic() + 120
@@ -462,6 +470,7 @@ def test_a_copy_of_the_concurrent_step_waits_for_the_others_before_its_window(tm
         time.sleep(0.05)
     time.sleep(1.0)
     assert copy.is_alive() and not result  # warmed up, and waiting for the other copy
+    assert len(steps_begun) == spec["warmup"]  # no step of the window begun before the other copy is ready
     (tmp_path / "1.ready").touch()  # the other copy is ready: the window opens
     copy.join(60)
     assert result["steps"] >= 1 and result["elapsed_s"] >= 0.2

@@ -2111,7 +2111,7 @@ def _parse_bool(s):
 
 # Help beyond a flag's default, for the fields whose default does not tell the whole story.
 RUN_LENGTH_HELP = ("; whichever of --steps, --epochs and --minutes is given sets the run's length "
-                   f"(none: --minutes {MAIN_JOB_MINUTES:g})")
+                   f"(none: the --config file's, else --minutes {MAIN_JOB_MINUTES:g})")
 FLAG_NOTES = {"dataset": " or folder:PATH (a folder of images)", "steps": RUN_LENGTH_HELP,
               "epochs": RUN_LENGTH_HELP, "minutes": RUN_LENGTH_HELP}
 

@@ -782,7 +782,6 @@ def test_cli_help_documents_the_commands():
         assert command in result.stdout
 
 
-
 def test_train_help_shows_the_defaults_that_train_runs_with(capsys):
     with pytest.raises(SystemExit):
         experiment.build_parser().parse_args(["train", "--help"])
@@ -791,6 +790,7 @@ def test_train_help_shows_the_defaults_that_train_runs_with(capsys):
     assert f"--minutes FLOAT|off default: {base.minutes!r}" in help_text  # not Config's None: train runs 15 minutes
     assert "or folder:PATH" in help_text
     assert f"--guidance FLOAT default: {base.guidance!r}" in help_text
+
 
 @pytest.mark.slow
 @pytest.mark.needs_data

@@ -541,9 +541,16 @@ def worker_paired(spec, device):
     Each round times one step of every model, in an order that rotates from round to round, so
     that other processes on the machine slow all of them alike: the per-round ratios stay
     meaningful on a busy machine where separate runs are not comparable. No memory numbers here.
+    With spec["also_channels_last"], our step in channels_last joins the rounds, and
+    `channels_last_speedup` is its gain over ours in the default layout (the training rows, timed in
+    separate subprocesses minutes apart, can drift more than that gain: on two AMD EPYC Zen 3
+    cores on 2026-11-28 they showed channels_last 15% slower, and steps interleaved in one process
+    7% and 14% faster).
     """
     batch_u8 = _random_batch(spec["batch"])
     steps = {"ours": build_our_experiment("ours", spec, device).train_step}
+    if spec.get("also_channels_last"):
+        steps[OURS_CHANNELS_LAST] = build_our_experiment("ours", dict(spec, channels_last=True), device).train_step
     for peer, peer_config in spec["peer_configs"].items():
         for label, matched in zip(peer_labels([peer]), (False, True)):
             steps[label] = build_peer_training(dict(spec, model=peer, peer_config=peer_config, matched=matched),
@@ -558,11 +565,30 @@ def worker_paired(spec, device):
             times[name].append(timed(lambda: steps[name](batch_u8), device)[0])
     out = dict(step_s=times, img_per_s={n: spec["batch"] / statistics.median(t) for n, t in times.items()},
                ours_over={})
+
+    def speedup(fast, slow):  # of `fast` over `slow`: per round, and of the medians
+        per_round = [t_slow / t_fast for t_fast, t_slow in zip(times[fast], times[slow])]
+        return dict(median_of_round_ratios=statistics.median(per_round),
+                    ratio_of_medians=out["img_per_s"][fast] / out["img_per_s"][slow])
+
     for other in names[1:]:
-        per_round = [t_other / t_ours for t_ours, t_other in zip(times["ours"], times[other])]
-        out["ours_over"][other] = dict(median_of_round_ratios=statistics.median(per_round),
-                                       ratio_of_medians=out["img_per_s"]["ours"] / out["img_per_s"][other])
+        if other != OURS_CHANNELS_LAST:
+            out["ours_over"][other] = speedup("ours", other)
+    if OURS_CHANNELS_LAST in times:
+        out["channels_last_speedup"] = speedup(OURS_CHANNELS_LAST, "ours")
     return out
+
+
+# the paired comparison's name for our step in channels_last (`worker_paired`)
+OURS_CHANNELS_LAST = "ours+CL"
+
+
+def paired_summary(res):
+    """One paired result as a line: our step's speedups, median of the per-round ratios."""
+    parts = [f"ours/{k} {v['median_of_round_ratios']:.2f}x" for k, v in res["ours_over"].items()]
+    if "channels_last_speedup" in res:
+        parts.append(f"{OURS_CHANNELS_LAST}/ours {res['channels_last_speedup']['median_of_round_ratios']:.2f}x")
+    return ", ".join(parts)
 
 
 def worker_sample(spec, device):
@@ -1119,7 +1145,7 @@ def plan_measurements(args, device, precisions, peer_configs):
                 for s in plan_training(base, precisions, args.channels_last, args.compile, peer_configs)]
     paired = [(p, f"{setting_name(p):<18}",
                dict(base, kind="paired", precision=p, channels_last=False, steps=args.paired_rounds,
-                    peer_configs=peer_configs))
+                    peer_configs=peer_configs, also_channels_last=args.channels_last))
               for p in precisions]
     sampling = [(name, f"{name:<18}",
                  dict(common, kind="sample", model=name, batch=args.batch, reps=args.forward_reps,
@@ -1180,8 +1206,7 @@ def training_row(spec, res, flops, ceiling):
 # The progress line's ending for a successful measurement, per section.
 PROGRESS = {
     "training": lambda r: f"{r['img_per_s']:7.1f} img/s  ({r['worker_wall_s']:.0f} s)",
-    "paired_training": lambda r: ", ".join(f"ours/{k} {v['median_of_round_ratios']:.2f}x"
-                                           for k, v in r["ours_over"].items()) + f"  ({r['worker_wall_s']:.0f} s)",
+    "paired_training": lambda r: paired_summary(r) + f"  ({r['worker_wall_s']:.0f} s)",
     "sampling": lambda r: f"done ({r['worker_wall_s']:.0f} s)",
     "profile": lambda r: "done",
     "concurrent_training": lambda r: f"{r['img_per_s']:7.1f} img/s together  ({r['worker_wall_s']:.0f} s)",
@@ -1399,9 +1424,8 @@ def print_paired(paired):
         return
     print("\npaired, steps interleaved in one process (median of per-round ratios; img/s in brackets):")
     for precision, res in ok.items():
-        print(f"  {setting_name(precision):<6} " + ",  ".join(
-            f"ours/{k} {v['median_of_round_ratios']:.2f}x" for k, v in res["ours_over"].items())
-            + "   [" + ", ".join(f"{k} {v:.1f}" for k, v in res["img_per_s"].items()) + "]")
+        print(f"  {setting_name(precision):<6} " + paired_summary(res)
+              + "   [" + ", ".join(f"{k} {v:.1f}" for k, v in res["img_per_s"].items()) + "]")
 
 
 def print_sampling(sampling, batch, ddim_steps):

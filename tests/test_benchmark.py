@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -311,6 +312,26 @@ def test_paired_ratios_are_attached_to_the_speedup_target():
               "bfloat16": {"error": "timed out after 900 s"}}
     target = judge(rows(), paired=paired)["train_speedup_vs_diffusers"]
     assert target["paired_same_precision"] == {"float32": 1.5}
+
+
+def test_paired_rounds_time_our_channels_last_step_against_ours_and_keep_it_out_of_the_peer_ratios(monkeypatch):
+    """With --channels-last, our step in channels_last is interleaved with ours in the default layout
+    (and the peers), and `channels_last_speedup` is the per-round ratio of their times: here steps
+    that take 40 and 20 ms, so 2x. It is no peer: `ours_over` holds the peers alone."""
+    step_s = {False: 0.04, True: 0.02}
+    monkeypatch.setattr(benchmark, "build_our_experiment", lambda model, spec, device: types.SimpleNamespace(
+        train_step=lambda batch: time.sleep(step_s[spec["channels_last"]])))
+    monkeypatch.setattr(benchmark, "build_peer_training",
+                        lambda spec, device: (None, lambda batch: time.sleep(0.03)))
+    spec = dict(batch=2, warmup=0, steps=5, precision="float32", channels_last=False,
+                peer_configs={"diffusers": {}}, also_channels_last=True)
+    out = benchmark.worker_paired(spec, torch.device("cpu"))
+    assert set(out["ours_over"]) == {"diffusers", "diffusers-matched"}
+    assert out["ours_over"]["diffusers"]["median_of_round_ratios"] == pytest.approx(0.75, rel=0.15)
+    assert out["channels_last_speedup"]["median_of_round_ratios"] == pytest.approx(2.0, rel=0.15)
+    assert re.search(r"ours\+CL/ours (1\.9\d|2\.0\d)x$", benchmark.paired_summary(out))
+    assert "channels_last_speedup" not in benchmark.worker_paired(dict(spec, also_channels_last=False),
+                                                                  torch.device("cpu"))
 
 
 @pytest.mark.parametrize("quick, busy, reason", [

@@ -346,9 +346,10 @@ def channels_last_pays(device):
     training steps / sampling forward passes of the experiment defaults at batch 64 against the
     default layout: two AMD EPYC cores (AVX-512) +5 to +21% / +36 to +50% in bfloat16, +1 to +8% /
     +14 to +21% in float32 (four runs); the same cores with oneDNN and MKL limited to AVX2, as on an
-    older laptop, +9% / +19% in float32; two Intel Xeon cores with AMX, training only, +15% in
-    float32 and level in bfloat16. GPUs and other CPUs are not measured: there the default layout
-    stays."""
+    older laptop, +9% / +19% in float32; two AMD EPYC Zen 3 cores (AVX2, no AVX-512) +18% (steps
+    interleaved in one process; separate runs there drift more than that) / +57% in float32; two
+    Intel Xeon cores with AMX, training only, +15% in float32 and level in bfloat16. GPUs and other
+    CPUs are not measured: there the default layout stays."""
     return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
 
 

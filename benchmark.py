@@ -14,7 +14,7 @@ One run on one machine measures, for every network at 28x28x1 and batch 64:
   * training FLOPs per image (torch.utils.flop_counter, forward + backward), the FLOP/s this
     achieves, and its fraction of the machine's matrix-multiply ceiling measured in the same run;
   * sampling: one denoising forward pass on 64 images, and a 50-step DDIM run of 64 images (the
-    median of --ddim-reps runs).
+    median of --ddim-reps runs); with --channels-last, both layouts in one process, timed in turn.
 
 Ours is timed through the real training path, `experiment.Experiment.train_step` (fused AdamW,
 gradient clipping, LR schedule and EMA update, exactly as `experiment.py train` runs it).
@@ -593,66 +593,85 @@ def paired_summary(res):
 
 def worker_sample(spec, device):
     """Per precision: one denoising forward pass on a batch, and full DDIM runs (their median); with
-    spec["channels_last"], all of it again with the network in channels_last."""
+    spec["channels_last"], a second copy of the network in channels_last, timed in turn with the
+    first (pass by pass and run by run, in alternating order) so that the host's drift over the
+    minutes of a run slows both layouts alike."""
     B, reps, ddim_steps, ddim_reps = spec["batch"], spec["reps"], spec["ddim_steps"], spec["ddim_reps"]
-    cfg = experiment.Config()
+    layouts = [False, True] if spec.get("channels_last") else [False]
     graphed = []  # per DDIM run of ours: whether its network replayed CUDA graphs
+    samplers = {}
+    for channels_last in layouts:
+        torch.manual_seed(0)  # the same weights in both layouts
+        net, forward, ddim = build_sampler(spec, device, channels_last, graphed)
+        samplers[channels_last] = forward, ddim
+    results = dict(params=count_params(net))
+
+    def in_turn(rounds, call):
+        """{layout: [(wall s, CPU s) per round]}, the layouts' order alternating from round to round."""
+        out = {layout: [] for layout in layouts}
+        for r in range(rounds):
+            for layout in (layouts if r % 2 == 0 else layouts[::-1]):
+                out[layout].append(timed(lambda: call(layout), device))
+        return out
+
+    for precision in spec["precisions"]:
+        torch.manual_seed(0)
+        x = torch.randn(B, *IMAGE_SHAPE, device=device)
+        t = torch.randint(0, experiment.Config().timesteps, (B,), device=device)
+        with torch.inference_mode(), experiment.autocast(device, precision):
+            # warm-up: oneDNN / cuDNN kernel selection (a GPU's graphs are recorded in every DDIM run)
+            in_turn(2, lambda layout: samplers[layout][0](x, t))
+            in_turn(1, lambda layout: samplers[layout][1](2))
+            passes = in_turn(reps, lambda layout: samplers[layout][0](x, t))
+            runs = in_turn(ddim_reps, lambda layout: samplers[layout][1](ddim_steps))
+        for layout in layouts:
+            fwd, fwd_cpu = map(list, zip(*passes[layout]))
+            ddim_runs, ddim_cpu = map(list, zip(*runs[layout]))
+            med = statistics.median(fwd)
+            results.setdefault(SAMPLING_LAYOUT_KEYS[layout], {})[precision] = dict(
+                forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
+                forward_median_cpu_s=statistics.median(fwd_cpu), ddim_steps=ddim_steps, ddim_runs_s=ddim_runs,
+                ddim_s=statistics.median(ddim_runs), ddim_cpu_s=statistics.median(ddim_cpu))
+    results["cuda_graphs"] = bool(graphed) and all(graphed)  # as it happened, not as intended
+    return results
+
+
+def build_sampler(spec, device, channels_last, graphed):
+    """spec["model"]'s network in inference mode, in one memory layout: (network, forward(x, t),
+    ddim(steps) -> images). Each DDIM run of ours appends to `graphed` whether it replayed CUDA graphs."""
+    cfg = experiment.Config()
     if spec["model"] == "ours":
         diffusion = experiment.build_diffusion(cfg).to(device).eval()
         net = diffusion.model
-
-        def forward(x, t):
-            return net(x, t)
+        if channels_last:
+            experiment.use_channels_last(net)
 
         def ddim(steps):  # as Experiment.sample draws: on a GPU through CUDA graphs, recorded in each run
             with experiment.graphed_sampling(diffusion) as network:
-                images = diffusion.sample(B, sampling_steps=steps, progress=False)
+                images = diffusion.sample(spec["batch"], sampling_steps=steps, progress=False)
             graphed.append(network is not None and network.replays())
             return images
 
-        def to_channels_last():
-            experiment.use_channels_last(net)
-    else:
-        _, _, DDIMScheduler = import_diffusers()
-        net, peer = build_peer(spec, device)
-        net.eval()
-        # diffusers' default betas are linear from 1e-4 to 0.02, as our default "linear" schedule
-        scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps)
+        return net, net, ddim
+    _, _, DDIMScheduler = import_diffusers()
+    net, peer = build_peer(spec, device)
+    net.eval()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # as its training rows do; the input has 1 channel
+    # diffusers' default betas are linear from 1e-4 to 0.02, as our default "linear" schedule
+    scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps)
 
-        def forward(x, t):
-            return peer.forward(net, x, t)
+    def forward(x, t):
+        return peer.forward(net, x, t)
 
-        def ddim(steps):
-            scheduler.set_timesteps(steps)
-            x = torch.randn(B, *IMAGE_SHAPE, device=device)
-            for t in scheduler.timesteps:
-                eps = peer.forward(net, x, t)
-                x = scheduler.step(eps, t, x).prev_sample
-            return (x + 1) / 2
+    def ddim(steps):
+        scheduler.set_timesteps(steps)
+        x = torch.randn(spec["batch"], *IMAGE_SHAPE, device=device)
+        for t in scheduler.timesteps:
+            x = scheduler.step(forward(x, t), t, x).prev_sample
+        return (x + 1) / 2
 
-        def to_channels_last():
-            net.to(memory_format=torch.channels_last)  # as its training rows do; the input has 1 channel
-
-    results = dict(params=count_params(net))
-    for channels_last in ([False, True] if spec.get("channels_last") else [False]):
-        if channels_last:
-            to_channels_last()
-        per_precision = results[SAMPLING_LAYOUT_KEYS[channels_last]] = {}
-        for precision in spec["precisions"]:
-            torch.manual_seed(0)
-            x = torch.randn(B, *IMAGE_SHAPE, device=device)
-            t = torch.randint(0, cfg.timesteps, (B,), device=device)
-            with torch.inference_mode(), experiment.autocast(device, precision):
-                _, fwd, fwd_cpu = repeat_timed(lambda: forward(x, t), device, 2, reps)
-                ddim(2)  # warm-up: oneDNN / cuDNN kernel selection (a GPU's graphs are recorded in every run)
-                ddim_runs, ddim_cpu = zip(*(timed(lambda: ddim(ddim_steps), device) for _ in range(ddim_reps)))
-            med = statistics.median(fwd)
-            per_precision[precision] = dict(forward_s=fwd, forward_median_s=med, forward_img_per_s=B / med,
-                                            forward_median_cpu_s=statistics.median(fwd_cpu),
-                                            ddim_steps=ddim_steps, ddim_runs_s=list(ddim_runs),
-                                            ddim_s=statistics.median(ddim_runs), ddim_cpu_s=statistics.median(ddim_cpu))
-    results["cuda_graphs"] = bool(graphed) and all(graphed)  # as it happened, not as intended
-    return results
+    return net, forward, ddim
 
 
 # where a sampling result keeps its measurements in each layout: {precision: measurements}

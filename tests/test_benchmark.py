@@ -334,6 +334,39 @@ def test_paired_rounds_time_our_channels_last_step_against_ours_and_keep_it_out_
                                                                   torch.device("cpu"))
 
 
+def test_sampling_times_both_layouts_in_turn_and_reports_each_by_its_own_median(monkeypatch):
+    """With --channels-last, the passes and DDIM runs of the two layouts alternate (each pair of
+    consecutive calls has one of each), so that drift slows both alike; and each layout's numbers
+    are its own: passes of 20 and 10 ms, DDIM runs of 5 ms per step."""
+    calls = []
+
+    def fake_sampler(spec, device, channels_last, graphed):
+        def forward(x, t):
+            calls.append(("forward", channels_last))
+            time.sleep(0.01 if channels_last else 0.02)
+
+        def ddim(steps):
+            calls.append(("ddim", channels_last))
+            time.sleep(0.005 * steps)
+        return torch.nn.Linear(2, 3), forward, ddim
+
+    monkeypatch.setattr(benchmark, "build_sampler", fake_sampler)
+    spec = dict(model="ours", batch=4, reps=5, ddim_steps=4, ddim_reps=3, precisions=["float32"],
+                channels_last=True)
+    out = benchmark.worker_sample(spec, torch.device("cpu"))
+    for kind in ("forward", "ddim"):
+        layouts = [layout for k, layout in calls if k == kind]
+        assert all({a, b} == {False, True} for a, b in zip(layouts[::2], layouts[1::2])), layouts
+    nchw, cl = out["precisions"]["float32"], out["channels_last"]["float32"]
+    assert nchw["forward_median_s"] == pytest.approx(0.02, rel=0.3)
+    assert cl["forward_median_s"] == pytest.approx(0.01, rel=0.3)
+    assert len(nchw["forward_s"]) == 5 and len(cl["ddim_runs_s"]) == 3
+    assert nchw["ddim_s"] == pytest.approx(0.02, rel=0.3) and out["params"] == 9
+    calls.clear()
+    out = benchmark.worker_sample(dict(spec, channels_last=False), torch.device("cpu"))
+    assert "channels_last" not in out and {layout for _, layout in calls} == {False}
+
+
 @pytest.mark.parametrize("quick, busy, reason", [
     (True, False, "--quick"),
     (False, True, "busy machine (other processes used 40% of the CPU time)"),

@@ -272,8 +272,9 @@ def load_images(name, train=True, root=None, limit=None):
 # ================================================================================================
 # Every image under the folder that Pillow can open is decoded once, converted to greyscale or RGB,
 # resized (shorter side) and centre-cropped to a square, and stored as one uint8 tensor in the data
-# cache. The cache key holds the folder's file list with sizes and modification times and the
-# settings, so a changed folder is read again and an unchanged one loads in a moment.
+# cache. Each folder and setting (image size, channels) has one cache file, which records the
+# folder's file list with sizes and modification times: an unchanged folder loads in a moment, and
+# a changed one is read again and replaces its entry (the cache does not grow as a folder is edited).
 
 FOLDER_PREFIX = "folder:"
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -338,13 +339,14 @@ def load_folder(dataset, size, channels=0, cache_root=None, quiet=False):
     folder = folder_path(dataset)
     files = _check_folder(folder)
     classes = folder_classes(folder, files)
-    listing = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(repr((str(folder.resolve()), size, channels, listing)).encode()).hexdigest()[:20]
+    listing = [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(repr((str(folder.resolve()), size, channels)).encode()).hexdigest()[:20]
     cache = Path(cache_root or default_data_root()) / "folders" / f"{key}.pt"
     if cache.exists():
         with contextlib.suppress(Exception):  # a damaged cache is simply decoded again
             cached = torch.load(cache, weights_only=True)
-            return cached["images"], cached.get("labels"), classes
+            if cached["listing"] == listing:
+                return cached["images"], cached.get("labels"), classes
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     modes, unreadable = {}, []
     for f in files:
@@ -372,7 +374,8 @@ def load_folder(dataset, size, channels=0, cache_root=None, quiet=False):
         index = {name: i for i, name in enumerate(classes)}
         labels = torch.tensor([index[f.relative_to(folder).parts[0]] for f in kept])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"images": images, "labels": labels, "files": [str(f) for f in kept]}, cache)
+    atomic_torch_save({"images": images, "labels": labels, "files": [str(f) for f in kept], "listing": listing},
+                      cache)
     say(f"prepared {len(kept)} images of {folder} at {size}x{size}x{channels} in {cache}")
     return images, labels, classes
 

@@ -67,7 +67,7 @@ def test_a_greyscale_folder_gives_one_channel_and_a_mixed_one_is_converted_with_
     assert "mixes 2 greyscale and 2 colour images: all converted to RGB" in capsys.readouterr().err
 
 
-def test_the_cache_is_used_for_an_unchanged_folder_and_renewed_for_a_changed_one(tmp_path, monkeypatch):
+def test_the_cache_is_used_for_an_unchanged_folder_and_renewed_in_place_for_a_changed_one(tmp_path, monkeypatch):
     paths = write_images(tmp_path / "pics", 4)
     dataset, cache = f"folder:{tmp_path / 'pics'}", tmp_path / "cache"
     first = data.load_folder(dataset, 8, cache_root=cache)[0]
@@ -84,6 +84,8 @@ def test_the_cache_is_used_for_an_unchanged_folder_and_renewed_for_a_changed_one
     assert not torch.equal(renewed, first) and bool((renewed == 255).all(dim=(1, 2, 3)).any())
     write_images(tmp_path / "pics", 1, classes=("cats",), seed=5, suffix=".webp")
     assert len(data.load_folder(dataset, 8, cache_root=cache)[0]) == 5
+    # one entry per setting (8x8 colour, 16x16 colour, 16x16 grey): the folder's edits replaced theirs
+    assert len(list((cache / "folders").glob("*.pt"))) == 3
 
 
 def test_unreadable_files_are_skipped_with_a_note(tmp_path, capsys):

@@ -561,7 +561,7 @@ def worker_paired(spec, device):
             steps[name](batch_u8)
     times = {name: [] for name in names}
     for i in range(spec["steps"]):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in in_round_order(names, i):
             times[name].append(timed(lambda: steps[name](batch_u8), device)[0])
     out = dict(step_s=times, img_per_s={n: spec["batch"] / statistics.median(t) for n, t in times.items()},
                ours_over={})
@@ -577,6 +577,12 @@ def worker_paired(spec, device):
     if OURS_CHANNELS_LAST in times:
         out["channels_last_speedup"] = speedup(OURS_CHANNELS_LAST, "ours")
     return out
+
+
+def in_round_order(names, round_index):
+    """`names` rotated by the round's index: over the rounds, each name is timed in every position."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
 
 
 # the paired comparison's name for our step in channels_last (`worker_paired`)
@@ -610,7 +616,7 @@ def worker_sample(spec, device):
         """{layout: [(wall s, CPU s) per round]}, the layouts' order alternating from round to round."""
         out = {layout: [] for layout in layouts}
         for r in range(rounds):
-            for layout in (layouts if r % 2 == 0 else layouts[::-1]):
+            for layout in in_round_order(layouts, r):
                 out[layout].append(timed(lambda: call(layout), device))
         return out
 

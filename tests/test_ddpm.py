@@ -963,9 +963,11 @@ def test_implicit_ddim_rejects_variance():
         make_diffusion(T=10).sample(2, sampling_steps=5, variance="fixed_large", progress=False)
 
 
-def test_ddim_rejects_negative_eta():
-    with pytest.raises(ValueError, match="eta must be >= 0, got -0.5"):
-        make_diffusion(T=10).sample(2, sampling_steps=5, sampler="ddim", eta=-0.5, progress=False)
+@pytest.mark.parametrize("eta", [-0.5, 1.5, float("nan")])
+def test_ddim_rejects_eta_outside_0_to_1(eta):
+    """Beyond 1, sigma_t exceeds the noise level left at the next step (DDIM eq. 16 leaves its family)."""
+    with pytest.raises(ValueError, match=re.escape(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta!r}")):
+        make_diffusion(T=10).sample(2, sampling_steps=5, sampler="ddim", eta=eta, progress=False)
 
 
 # ---------------------------------------------------------------- memory
@@ -981,6 +983,57 @@ def test_importing_ddpm_serves_large_tensors_from_the_reusable_heap():
         regions = [line.split() for line in maps]
     region = next(r for r in regions if int(r[0].split("-")[0], 16) <= address < int(r[0].split("-")[1], 16))
     assert region[5:] == ["[heap]"], region
+
+
+# ---------------------------------------------------------------- the training loss's timesteps
+
+def assert_uniform_timesteps(t, T):
+    """t (int64) was drawn uniformly from 0..T-1 (DDPM Algorithm 1, in 0-based steps): every step
+    drawn, none outside, and the counts' chi-square statistic below the 0.1% point of its law with
+    T - 1 degrees of freedom (Wilson-Hilferty approximation)."""
+    assert t.dtype == torch.int64 and t.min().item() >= 0, f"timesteps below 0: {t.min().item()}"
+    counts = torch.bincount(t, minlength=T)
+    assert len(counts) == T, f"timesteps drawn up to {t.max().item()}, beyond the last, {T - 1}"
+    assert counts.min().item() > 0, f"timesteps never drawn: {torch.nonzero(counts == 0).flatten().tolist()}"
+    expected = len(t) / T
+    chi2 = ((counts.double() - expected) ** 2 / expected).sum().item()
+    k = T - 1
+    limit = k * (1 - 2 / (9 * k) + 3.09 * math.sqrt(2 / (9 * k))) ** 3  # z = 3.09: the 0.1% tail
+    assert chi2 < limit, f"timestep counts {counts.tolist()} are not uniform (chi-square {chi2:.1f}, limit {limit:.1f})"
+
+
+class TimeRecorder(nn.Module):
+    """A 'network' that predicts zeros and keeps the timesteps it was asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return self.scale * torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("T", [10, 37])
+def test_the_loss_draws_every_timestep_uniformly_from_0_to_T_minus_1(T):
+    """The first and last steps matter most (the last is pure noise, the first the finest detail):
+    a draw from 1..T-1 or 0..T-2 would leave one of them untrained."""
+    torch.manual_seed(0)
+    recorder = TimeRecorder()
+    d = make_diffusion(T=T, model=recorder)
+    for _ in range(10):
+        d(torch.rand(200, 1, 4, 4))
+    assert_uniform_timesteps(torch.cat(recorder.seen), T)
+
+
+def test_assert_uniform_timesteps_rejects_a_range_that_misses_an_end_or_a_skewed_draw():
+    torch.manual_seed(0)
+    for wrong in (torch.randint(1, 10, (2000,)), torch.randint(0, 9, (2000,)), torch.randint(0, 11, (2000,)),
+                  torch.cat([torch.randint(0, 10, (1800,)), torch.zeros(200, dtype=torch.int64)])):
+        with pytest.raises(AssertionError):
+            assert_uniform_timesteps(wrong, 10)
+    assert_uniform_timesteps(torch.randint(0, 10, (2000,)), 10)
 
 
 # ---------------------------------------------------------------- min-SNR-gamma loss weighting

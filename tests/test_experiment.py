@@ -25,6 +25,7 @@ import DDPM
 import data
 import experiment
 from experiment import Config, ConfigError, Experiment, ExperimentManager
+from test_ddpm import assert_uniform_timesteps
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(dataset="mnist", train_subset=256, dim=8, dim_mults=[1, 2], attn_dim_head=8, timesteps=50,
@@ -76,6 +77,7 @@ def assert_same_tensors(a, b):
     ("minutes", -2.0, r"config.minutes=-2.0 is not allowed: expected a number of minutes > 0"),
     ("cond_drop_prob", 1.0, r"config.cond_drop_prob=1.0 is not allowed: expected a number in \[0, 1\)"),
     ("guidance", -1.0, r"config.guidance=-1.0 is not allowed: expected a number >= 0"),
+    ("sample_eta", 1.5, r"config.sample_eta=1.5 is not allowed: expected a number in \[0, 1\] \(0: deterministic DDIM"),
     ("conditional", "yes", r"config.conditional='yes' is not allowed: expected true or false"),
     ("channels_last", True, r"config.channels_last=True is not allowed: expected one of \('auto', 'on', 'off'\)"),
 ])
@@ -438,6 +440,18 @@ def test_compile_that_fails_leaves_the_run_eager(tmp_path, monkeypatch, capsys):
     exp = Experiment(tiny_config(tmp_path, compile=True)).build(4)
     assert exp.train_module is exp.diffusion
     assert "torch.compile is not available here (RuntimeError: no C++ compiler): running eagerly" in capsys.readouterr().out
+
+
+def test_train_step_draws_every_timestep_uniformly_from_0_to_T_minus_1(tmp_path):
+    """experiment.py draws the global batch's timesteps itself (to split it between processes); the
+    U-Net must see every step 0..T-1, uniformly, as with the loss's own draw."""
+    exp = Experiment(tiny_config(tmp_path, timesteps=20, batch_size=128)).build(12)
+    seen = []
+    exp.diffusion.model.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    batch = torch.randint(0, 256, (128, 1, 28, 28), dtype=torch.uint8)
+    for _ in range(12):
+        exp.train_step(batch)
+    assert_uniform_timesteps(torch.cat(seen), 20)
 
 
 def first_training_losses(tmp_path, steps=3, **changes):

@@ -845,7 +845,7 @@ class GaussianDiffusion(nn.Module):
                          return_all_timesteps=False, generator=None, progress=True, spacing="uniform",
                          labels=None, guidance_scale=None):
         """DDIM (Song et al. 2021, eq. 12) on `sampling_steps` timesteps; eta=0 is deterministic."""
-        if not 0 <= float(eta) <= 1:  # beyond 1 sigma outgrows the noise left at t_next: not DDIM's family
+        if not 0 <= float(eta) <= 1:  # beyond 1, sigma may exceed the noise left at t_next: outside DDIM's family
             raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta!r}")
         pairs = self.sampling_timesteps(sampling_steps, spacing)
 

@@ -965,7 +965,7 @@ def test_implicit_ddim_rejects_variance():
 
 @pytest.mark.parametrize("eta", [-0.5, 1.5, float("nan")])
 def test_ddim_rejects_eta_outside_0_to_1(eta):
-    """Beyond 1, sigma_t exceeds the noise level left at the next step (DDIM eq. 16 leaves its family)."""
+    """Eq. 16 spans DDIM (0) to DDPM (1); beyond 1, sigma_t may exceed the noise left at the next step."""
     with pytest.raises(ValueError, match=re.escape(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta!r}")):
         make_diffusion(T=10).sample(2, sampling_steps=5, sampler="ddim", eta=eta, progress=False)
 

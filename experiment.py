@@ -219,7 +219,7 @@ class Config:
             if self.sampler == "ddpm" and getattr(self, name) != self.timesteps:
                 self._fail(name, f"the ddpm sampler takes every timestep: expected {self.timesteps}")
         if not 0 <= self.sample_eta <= 1:
-            self._fail("sample_eta", "expected a number in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise)")
+            self._fail("sample_eta", f"expected a number in {DDPM.GaussianDiffusion.ETA_RANGE}")
         if self.sample_eta and self.sampler != "ddim":
             self._fail("sample_eta", f"eta is DDIM's; sampler {self.sampler!r} takes none: expected 0")
         if self.guidance < 0:

@@ -24,6 +24,7 @@ import torch
 import benchmark
 import DDPM
 import experiment
+from test_readme import table_lines
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -551,9 +552,9 @@ def readme_speed_tables():
         if not lines[i].startswith("| | ours |"):
             i += 1
             continue
-        end = next((j for j in range(i, len(lines)) if not lines[j].startswith("|")), len(lines))
+        table = table_lines(lines, i)
         assert named is not None and named not in tables, f"a speed table at README line {i + 1} names no run of its own"
-        tables[named], i = "\n".join(lines[i:end]), end
+        tables[named], i = "\n".join(table), i + len(table)
     return tables
 
 

@@ -14,18 +14,21 @@ REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
 
+def table_lines(lines, start):
+    """The lines of the Markdown table whose header row is lines[start]: up to the first line that
+    is not a table row."""
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def readme_table(header_start):
     """The body rows of the one README table whose header row starts with `header_start`, each a list
     of its cells with the bold and code markup removed."""
     lines = README.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith(header_start)]
     assert len(starts) == 1, f"{len(starts)} README tables start with {header_start!r}"
-    rows = []
-    for line in lines[starts[0] + 2:]:  # past the header and its |---| rule
-        if not line.startswith("|"):
-            break
-        rows.append([re.sub(r"[*`]", "", cell).strip() for cell in line.strip().strip("|").split("|")])
-    return rows
+    body = table_lines(lines, starts[0])[2:]  # past the header and its |---| rule
+    return [[re.sub(r"[*`]", "", cell).strip() for cell in line.strip().strip("|").split("|")] for line in body]
 
 
 def agrees(shown, value, source_places=None):

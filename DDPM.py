@@ -476,6 +476,7 @@ class GaussianDiffusion(nn.Module):
     # uniform in t for every sampler: it beat log-SNR spacing at 10 and 20 evaluations for all four
     # in the comparison of section 9 (measured on two CPU cores; see the README)
     DEFAULT_SPACINGS = {"ddim": "uniform", "dpm++2m": "uniform", "dpm++2m-sde": "uniform"}
+    ETA_RANGE = "[0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise)"   # the DDIM eta allowed, as errors name it
 
     def __init__(
         self,
@@ -846,7 +847,7 @@ class GaussianDiffusion(nn.Module):
                          labels=None, guidance_scale=None):
         """DDIM (Song et al. 2021, eq. 12) on `sampling_steps` timesteps; eta=0 is deterministic."""
         if not 0 <= float(eta) <= 1:  # beyond 1, sigma may exceed the noise left at t_next: outside DDIM's family
-            raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta!r}")
+            raise ValueError(f"eta must lie in {self.ETA_RANGE}, got {eta!r}")
         pairs = self.sampling_timesteps(sampling_steps, spacing)
 
         def step(x, t, t_next, pred_noise, x_start):

@@ -1579,6 +1579,20 @@ def export_weights(run_dir, path):
 # Figures of a run
 # ================================================================================================
 
+PLAIN_LOG_TICKS = (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1000)
+
+
+def plain_log_ticks(axis, candidates=PLAIN_LOG_TICKS):
+    """Label a log-scaled matplotlib axis (`ax.xaxis` or `ax.yaxis`, limits already final) with the
+    plain numbers among `candidates` that lie inside its limits, in place of matplotlib's powers of
+    ten, which leave a one-decade FID axis with one or two labels."""
+    if axis.get_scale() != "log":
+        raise ValueError(f"plain_log_ticks needs a log-scaled axis, got scale {axis.get_scale()!r}")
+    low, high = sorted(axis.get_view_interval())
+    axis.set_ticks([v for v in candidates if low <= v <= high])
+    axis.set_major_formatter("{x:g}")
+    axis.set_minor_formatter("")
+
 def plot_loss_curves(runs, path, smooth=5, x="step"):
     """Loss against step (x="step") or training time (x="time") for one or more runs ({label:
     run_dir}), overlaid, log-scaled."""

@@ -397,6 +397,22 @@ def test_loss_curves_plot_against_training_time_in_minutes(tmp_path, monkeypatch
     assert not (tmp_path / "other.png").exists()
 
 
+def test_plain_log_ticks_label_a_one_decade_log_axis_with_the_plain_numbers_inside_its_limits():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [2.5, 130])
+    ax.set(yscale="log", ylim=(2.5, 130))
+    experiment.plain_log_ticks(ax.yaxis)
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["3", "5", "10", "20", "30", "50", "100"]
+    assert all(t.get_text() == "" for t in ax.yaxis.get_minorticklabels())
+    with pytest.raises(ValueError, match="needs a log-scaled axis, got scale 'linear'"):
+        experiment.plain_log_ticks(ax.xaxis)
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("flags,length", [
     ([], dict(minutes=experiment.MAIN_JOB_MINUTES, epochs=0.0)),        # the main job's budget
     (["--steps", "40"], dict(steps=40, minutes=None, epochs=0.0)),

@@ -1593,6 +1593,7 @@ def plain_log_ticks(axis, candidates=PLAIN_LOG_TICKS):
     axis.set_major_formatter("{x:g}")
     axis.set_minor_formatter("")
 
+
 def plot_loss_curves(runs, path, smooth=5, x="step"):
     """Loss against step (x="step") or training time (x="time") for one or more runs ({label:
     run_dir}), overlaid, log-scaled."""
